@@ -1,0 +1,117 @@
+"""Request-scoped dependencies: settings, DB session, the current user, role and CSRF checks.
+
+Routes declare what they need with the ``Annotated`` aliases at the bottom
+(``Db``, ``CurrentUser``, ``AdminUser`` …), never by reaching into globals.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import Forbidden, NotAuthenticated
+from app.models import Role, User
+from app.services import users
+from app.settings import Settings
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+CSRF_SESSION_KEY = "csrf"
+CSRF_FORM_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_sessionmaker(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessionmaker  # type: ignore[no-any-return]
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    """One transaction per request, committed before the response is sent (scope="function")."""
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with factory() as session, session.begin():
+        yield session
+
+
+Db = Annotated[Session, Depends(get_db, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, created on first use; templates put it in every form."""
+    token = request.session.get(CSRF_SESSION_KEY)
+    if not token:
+        token = secrets.token_urlsafe(32)
+        request.session[CSRF_SESSION_KEY] = token
+    return str(token)
+
+
+async def check_csrf(request: Request) -> None:
+    """Reject an unsafe cookie-authenticated request whose token does not match the session's.
+
+    The token comes from the ``X-CSRF-Token`` header (htmx / fetch) or the ``csrf_token`` form
+    field (plain forms, which work without JavaScript).
+    """
+    if request.method in SAFE_METHODS:
+        return
+    expected = request.session.get(CSRF_SESSION_KEY)
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+            form = await request.form()
+            value = form.get(CSRF_FORM_FIELD)
+            sent = value if isinstance(value, str) else None
+    if not expected or not sent or not hmac.compare_digest(str(expected), sent):
+        raise Forbidden("CSRF token missing or invalid; reload the page and try again")
+
+
+async def _csrf_for_cookie_auth(request: Request) -> None:
+    if not request.headers.get("authorization", "").lower().startswith("bearer "):
+        await check_csrf(request)
+
+
+def get_current_user(request: Request, db: Db, _csrf: None = Depends(_csrf_for_cookie_auth)) -> User:
+    """Bearer token first, then the signed session cookie; 401 when neither is valid."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        user = users.user_for_token(db, auth[7:].strip())
+        request.state.user = user
+        return user
+    user_id = request.session.get("user_id")
+    if user_id is None:
+        raise NotAuthenticated("log in or send an 'Authorization: Bearer <token>' header")
+    user = db.get(User, int(user_id))
+    if user is None or not user.active:
+        request.session.clear()
+        raise NotAuthenticated("your session has ended; log in again")
+    request.state.user = user
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def require_role(*roles: Role) -> Callable[[User], User]:
+    """A dependency that lets only the given roles through (403 for the others)."""
+
+    def dependency(user: CurrentUser) -> User:
+        if user.role not in roles:
+            allowed = ", ".join(r.value for r in roles)
+            raise Forbidden(f"this needs the {allowed} role; you are {user.role.value}")
+        return user
+
+    return dependency
+
+
+AdminUser = Annotated[User, Depends(require_role(Role.admin))]
+AnnotatorUser = Annotated[User, Depends(require_role(Role.annotator, Role.admin))]
+ExportUser = Annotated[User, Depends(require_role(Role.admin, Role.researcher))]
+CsrfChecked = Annotated[None, Depends(check_csrf)]

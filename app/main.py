@@ -1,0 +1,78 @@
+"""The web application factory. Everything stateful is built here and hung on ``app.state``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.sessions import SessionMiddleware
+
+from app.db import make_engine, make_sessionmaker
+from app.errors import DomainError, NotAuthenticated
+from app.routes import api_tokens, auth, export, labeling, ops, projects
+from app.settings import Settings
+from app.web import make_templates, render
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SESSION_COOKIE = "prefloop_session"
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or "application/json" in request.headers.get(
+        "accept", ""
+    )
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DomainError)
+    if exc.status == 204:
+        return Response(status_code=204)
+    if _wants_json(request):
+        body = {"error": exc.code, "detail": exc.message, **exc.details}
+        return JSONResponse(body, status_code=exc.status)
+    if isinstance(exc, NotAuthenticated):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+    return render(
+        request, "error.html", {"status": exc.status, "message": exc.message, "details": exc.details},
+        status_code=exc.status,
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return JSONResponse({"error": "invalid_input", "detail": "invalid request", "errors": errors}, 422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app: engine, sessionmaker, templates, middleware, routes."""
+    settings = settings or Settings()
+    engine = make_engine(settings)
+    app = FastAPI(title="Prefloop", version="0.1.0", docs_url="/docs", openapi_url="/openapi.json")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.templates = make_templates()
+
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=settings.secret_key,
+        session_cookie=SESSION_COOKIE,
+        max_age=settings.session_max_age_s,
+        same_site="lax",
+        https_only=settings.cookie_secure,
+    )
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for module in (ops, auth, api_tokens, projects, labeling, export):
+        app.include_router(module.router)
+    return app
