@@ -13,7 +13,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import make_engine, make_sessionmaker
 from app.errors import DomainError, NotAuthenticated
-from app.routes import api_tokens, auth, export, labeling, ops, projects
+from app.routes import api_tokens, auth, export, jobs, labeling, models, ops, projects
 from app.settings import Settings
 from app.web import make_templates, render
 
@@ -73,6 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (ops, auth, api_tokens, projects, labeling, export):
+    for module in (ops, auth, api_tokens, projects, labeling, export, jobs, models):
         app.include_router(module.router)
     return app
