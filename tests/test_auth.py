@@ -1,0 +1,168 @@
+"""Login, logout, sessions, API tokens, CSRF, and the role matrix."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.models import Role
+from app.settings import Settings
+from tests.factories import PASSWORD, login, make_token, make_user
+
+
+def test_login_sets_httponly_signed_cookie_and_logout_clears_it(client, db):
+    user = make_user(db, Role.admin)
+    page = client.get("/login")
+    csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    resp = client.post("/login", data={"username": user.username, "password": PASSWORD,
+                                       "csrf_token": csrf}, follow_redirects=False)
+    assert resp.status_code == 303
+    cookie = resp.headers["set-cookie"].lower()
+    assert "prefloop_session=" in cookie and "httponly" in cookie and "samesite=lax" in cookie
+    assert client.get("/api/v1/me").json()["username"] == user.username
+
+    assert client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+    assert client.get("/api/v1/me").status_code == 401
+
+
+def test_wrong_password_and_unknown_user_get_the_same_answer(client, db):
+    user = make_user(db)
+    page = client.get("/login")
+    csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    wrong = client.post("/login", data={"username": user.username, "password": "nope-nope",
+                                        "csrf_token": csrf})
+    unknown = client.post("/login", data={"username": "ghost", "password": "nope-nope",
+                                          "csrf_token": csrf})
+    assert wrong.status_code == unknown.status_code == 401
+    assert "wrong username or password" in wrong.text and "wrong username or password" in unknown.text
+    assert client.get("/api/v1/me").status_code == 401
+
+
+def test_login_form_without_csrf_token_is_refused(client, db):
+    user = make_user(db)
+    client.get("/login")
+    resp = client.post("/login", data={"username": user.username, "password": PASSWORD})
+    assert resp.status_code == 403
+    assert "CSRF" in resp.text
+
+
+def test_cookie_authenticated_post_needs_the_csrf_header(client, db):
+    user = make_user(db)
+    csrf = login(client, user.username)
+    assert client.post("/api/v1/tokens", json={"name": "x"}).status_code == 403
+    assert client.post("/api/v1/tokens", json={"name": "x"},
+                       headers={"X-CSRF-Token": "forged"}).status_code == 403
+    ok = client.post("/api/v1/tokens", json={"name": "x"}, headers={"X-CSRF-Token": csrf})
+    assert ok.status_code == 201 and ok.json()["token"].startswith("pfl_")
+
+
+def test_logout_without_csrf_is_refused(client, db):
+    user = make_user(db)
+    login(client, user.username)
+    assert client.post("/logout", follow_redirects=False).status_code == 403
+    assert client.get("/api/v1/me").status_code == 200
+
+
+def test_bearer_token_works_is_stored_hashed_and_needs_no_csrf(client, db):
+    from sqlalchemy import select
+
+    from app.models import ApiToken
+
+    user = make_user(db, Role.researcher)
+    headers = make_token(db, user)
+    token = headers["Authorization"].split()[1]
+    stored = db.scalars(select(ApiToken.token_hash)).all()
+    assert token not in stored and len(stored[0]) == 64
+    assert client.get("/api/v1/me", headers=headers).json()["role"] == "researcher"
+    assert client.post("/api/v1/tokens", json={"name": "n"}, headers=headers).status_code == 201
+
+
+def test_revoked_token_and_paused_user_are_refused(client, db):
+    from sqlalchemy import select
+
+    from app.models import ApiToken
+    from app.services import users
+
+    user = make_user(db)
+    headers = make_token(db, user)
+    users.set_active(db, user.id, False)
+    db.flush()
+    assert client.get("/api/v1/me", headers=headers).status_code == 401
+    users.set_active(db, user.id, True)
+    users.revoke_token(db, db.scalars(select(ApiToken.id)).one())
+    db.flush()
+    resp = client.get("/api/v1/me", headers=headers)
+    assert resp.status_code == 401 and resp.json()["error"] == "not_authenticated"
+
+
+def test_pages_redirect_to_login_and_api_answers_401(client):
+    page = client.get("/projects", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"].startswith("/login?next=")
+    api = client.get("/api/v1/projects")
+    assert api.status_code == 401 and api.json()["error"] == "not_authenticated"
+
+
+def test_login_redirect_target_must_be_local(client, db):
+    user = make_user(db)
+    page = client.get("/login?next=https://evil.example/")
+    assert 'name="next" value="/"' in page.text
+    csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    resp = client.post("/login", data={"username": user.username, "password": PASSWORD,
+                                       "csrf_token": csrf, "next": "//evil.example"},
+                       follow_redirects=False)
+    assert resp.headers["location"] == "/"
+
+
+@pytest.mark.parametrize(
+    ("role", "landing"),
+    [(Role.admin, "/projects"), (Role.researcher, "/projects"), (Role.annotator, "/label")],
+)
+def test_home_sends_each_role_to_its_work(client, db, role, landing):
+    user = make_user(db, role)
+    login(client, user.username)
+    assert client.get("/", follow_redirects=False).headers["location"] == landing
+
+
+# The role matrix: (method, path template, body) → the roles allowed. Paths use {p} for a
+# project id and {t} for a task id; a forbidden role must get 403, never 2xx or 5xx.
+ROLE_MATRIX = [
+    ("POST", "/api/v1/projects", {"name": "m", "mode": "pairwise"}, {Role.admin}),
+    ("GET", "/api/v1/projects/{p}/export?shape=pairs&format=jsonl", None, {Role.admin, Role.researcher}),
+    ("GET", "/api/v1/projects/{p}/tasks/next", None, {Role.admin, Role.annotator}),
+    ("POST", "/api/v1/tasks/{t}/judgments", {"choice": "tie"}, {Role.admin, Role.annotator}),
+]
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize(("method", "path", "body", "allowed"), ROLE_MATRIX)
+def test_role_matrix(client, db, role, method, path, body, allowed):
+    from tests.factories import make_project, make_prompt, make_task
+
+    project = make_project(db)
+    task = make_task(db, project, make_prompt(db, project, ["a", "b"]))
+    user = make_user(db, role)
+    url = path.format(p=project.id, t=task.id)
+    resp = client.request(method, url, json=body, headers=make_token(db, user))
+    if role in allowed:
+        assert resp.status_code not in (401, 403), (role, url, resp.text)
+        assert resp.status_code < 500
+    else:
+        assert resp.status_code == 403, (role, url, resp.text)
+        assert resp.json()["error"] == "forbidden"
+
+
+def test_settings_refuse_a_placeholder_secret_in_prod():
+    with pytest.raises(ValidationError, match="PREFLOOP_SECRET_KEY"):
+        Settings(env="prod", secret_key="changeme")
+    with pytest.raises(ValidationError):
+        Settings(env="prod")  # the dev default is a placeholder too
+    assert Settings(env="prod", secret_key="x" * 32).secret_key == "x" * 32
+    assert Settings(env="dev").database_url.startswith("sqlite:///")
+
+
+def test_settings_read_the_environment(monkeypatch):
+    monkeypatch.setenv("PREFLOOP_DATABASE_URL", "postgresql+psycopg://u@h/db")
+    monkeypatch.setenv("PREFLOOP_LEASE_SECONDS", "42")
+    s = Settings()
+    assert s.database_url == "postgresql+psycopg://u@h/db" and s.lease_seconds == 42
+    assert not s.is_sqlite

