@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 console = Console()
 err_console = Console(stderr=True)
 
-cli = typer.Typer(help="Prefloop: label preferences, build datasets, train reward models and policies.",
-                  no_args_is_help=True)
+cli = typer.Typer(
+    help="Prefloop: label preferences, build datasets, train reward models and policies.",
+    no_args_is_help=True,
+)
 db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 user_cli = typer.Typer(help="Users.", no_args_is_help=True)
 token_cli = typer.Typer(help="API tokens.", no_args_is_help=True)
@@ -73,7 +75,9 @@ def db_downgrade(revision: str) -> None:
 def user_add(
     username: str,
     role: Annotated[Role, typer.Option(help="admin, annotator or researcher")] = Role.annotator,
-    password: Annotated[str | None, typer.Option(help="omit to be prompted; '-' generates one")] = None,
+    password: Annotated[
+        str | None, typer.Option(help="omit to be prompted; '-' generates one")
+    ] = None,
 ) -> None:
     """Create a user."""
     if password is None:
@@ -134,7 +138,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 def import_prompts(
     project: str,
     file: Path,
-    upsert: Annotated[bool, typer.Option(help="update prompts whose ids exist instead of refusing")] = False,
+    upsert: Annotated[
+        bool, typer.Option(help="update prompts whose ids exist instead of refusing")
+    ] = False,
 ) -> None:
     """Import a JSONL, CSV or Parquet prompt file into PROJECT (id or name), all or nothing."""
     import random
@@ -146,8 +152,13 @@ def import_prompts(
         with transaction(_sessions(settings)) as session:
             proj = projects.resolve(session, project)
             result = prompts.import_upload(
-                session, proj.id, file.name, file.read_bytes(), upsert=upsert,
-                rng=random.Random(), settings=settings,
+                session,
+                proj.id,
+                file.name,
+                file.read_bytes(),
+                upsert=upsert,
+                rng=random.Random(),
+                settings=settings,
             )
     except DomainError as exc:
         _fail(exc)
@@ -159,7 +170,9 @@ def export_rows(
     project: str,
     shape: Annotated[str, typer.Option(help="pairs, rankings or raw")] = "pairs",
     fmt: Annotated[str, typer.Option("--format", help="jsonl, csv or parquet")] = "jsonl",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="file (default stdout)")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="file (default stdout)")
+    ] = None,
 ) -> None:
     """Export PROJECT's judgments (streamed, constant memory)."""
     from app.services import export, projects

@@ -78,7 +78,9 @@ async def _csrf_for_cookie_auth(request: Request) -> None:
         await check_csrf(request)
 
 
-def get_current_user(request: Request, db: Db, _csrf: None = Depends(_csrf_for_cookie_auth)) -> User:
+def get_current_user(
+    request: Request, db: Db, _csrf: None = Depends(_csrf_for_cookie_auth)
+) -> User:
     """Bearer token first, then the signed session cookie; 401 when neither is valid."""
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):

@@ -13,7 +13,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import make_engine, make_sessionmaker
 from app.errors import DomainError, NotAuthenticated
-from app.routes import api_tokens, auth, export, jobs, labeling, models, ops, projects
+from app.routes import api_tokens, auth, export, jobs, labeling, models, ops, projects, users
 from app.settings import Settings
 from app.web import make_templates, render
 
@@ -38,7 +38,9 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
     return render(
-        request, "error.html", {"status": exc.status, "message": exc.message, "details": exc.details},
+        request,
+        "error.html",
+        {"status": exc.status, "message": exc.message, "details": exc.details},
         status_code=exc.status,
     )
 
@@ -49,7 +51,9 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         {"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
-    return JSONResponse({"error": "invalid_input", "detail": "invalid request", "errors": errors}, 422)
+    return JSONResponse(
+        {"error": "invalid_input", "detail": "invalid request", "errors": errors}, 422
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (ops, auth, api_tokens, projects, labeling, export, jobs, models):
+    for module in (ops, auth, api_tokens, projects, labeling, export, jobs, models, users):
         app.include_router(module.router)
     return app

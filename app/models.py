@@ -146,7 +146,9 @@ class Prompt(Base):
     __table_args__ = (UniqueConstraint("project_id", "external_id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
     external_id: Mapped[str] = mapped_column(String(255))
     text: Mapped[str | None] = mapped_column(Text)
     messages: Mapped[list[Any] | None] = mapped_column(JSON)
@@ -255,7 +257,9 @@ class Snapshot(Base):
     __tablename__ = "snapshots"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
     filter: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     max_judgment_id: Mapped[int] = mapped_column(BigId, default=0)
     row_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -274,7 +278,9 @@ class ModelVersion(Base):
         ForeignKey("projects.id", ondelete="SET NULL"), index=True
     )
     kind: Mapped[ModelKind] = mapped_column(_enum(ModelKind))
-    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
     reward_model_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", ondelete="SET NULL")
     )

@@ -34,5 +34,7 @@ def render(
     ctx = dict(context or {})
     ctx.setdefault("current_user", getattr(request.state, "user", None))
     if block and request.headers.get("hx-request") == "true":
-        return templates.TemplateResponse(request, name, ctx, block_name=block, status_code=status_code)
+        return templates.TemplateResponse(
+            request, name, ctx, block_name=block, status_code=status_code
+        )
     return templates.TemplateResponse(request, name, ctx, status_code=status_code)

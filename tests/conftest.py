@@ -69,7 +69,9 @@ def migrated_settings(backend: str, tmp_dir: Path, name: str) -> Settings:
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def backend_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def backend_settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
     backend: str = request.param
     return migrated_settings(backend, tmp_path_factory.mktemp(backend), PG_TEST_DB)
 
@@ -92,7 +94,9 @@ def connection(backend_engine: Engine) -> Iterator[Connection]:
 
 @pytest.fixture
 def session_factory(connection: Connection) -> sessionmaker[Session]:
-    return sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    return sessionmaker(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
 
 
 @pytest.fixture

@@ -35,10 +35,16 @@ def make_project(session: Session, **fields: Any) -> Project:
 
 
 def make_prompt(
-    session: Session, project: Project, completions: list[str], external_id: str | None = None,
-    text: str = "Say hello.", **fields: Any,
+    session: Session,
+    project: Project,
+    completions: list[str],
+    external_id: str | None = None,
+    text: str = "Say hello.",
+    **fields: Any,
 ) -> Prompt:
-    prompt = Prompt(project_id=project.id, external_id=external_id or f"p{next(_seq)}", text=text, **fields)
+    prompt = Prompt(
+        project_id=project.id, external_id=external_id or f"p{next(_seq)}", text=text, **fields
+    )
     session.add(prompt)
     session.flush()
     for body in completions:
@@ -52,8 +58,10 @@ def make_task(session: Session, project: Project, prompt: Prompt, **fields: Any)
     """A task over all of the prompt's completions (a pair when it has two)."""
     fields.setdefault("required_judgments", project.judgments_per_task)
     task = Task(
-        project_id=project.id, prompt_id=prompt.id,
-        completion_ids=[c.id for c in prompt.completions], **fields,
+        project_id=project.id,
+        prompt_id=prompt.id,
+        completion_ids=[c.id for c in prompt.completions],
+        **fields,
     )
     session.add(task)
     session.flush()
@@ -65,7 +73,8 @@ def login(client: TestClient, username: str, password: str = PASSWORD) -> str:
     page = client.get("/login")
     token = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
     resp = client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": token},
+        "/login",
+        data={"username": username, "password": password, "csrf_token": token},
         follow_redirects=False,
     )
     assert resp.status_code == 303, resp.text

@@ -38,8 +38,9 @@ def test_creating_the_app_loads_no_torch():
         "bad = [m for m in ('torch', 'transformers', 'worker') if m in sys.modules];"
         "print(','.join(bad))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == ""
 
 
@@ -48,6 +49,8 @@ def test_routes_never_write_rows_directly():
     offenders = [
         str(p.relative_to(ROOT))
         for p in (ROOT / "app" / "routes").glob("*.py")
-        if any(s in p.read_text() for s in ("session.add(", "db.add(", ".delete(", "db.execute(insert"))
+        if any(
+            s in p.read_text() for s in ("session.add(", "db.add(", ".delete(", "db.execute(insert")
+        )
     ]
     assert offenders == []

@@ -14,14 +14,19 @@ def test_login_sets_httponly_signed_cookie_and_logout_clears_it(client, db):
     user = make_user(db, Role.admin)
     page = client.get("/login")
     csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
-    resp = client.post("/login", data={"username": user.username, "password": PASSWORD,
-                                       "csrf_token": csrf}, follow_redirects=False)
+    resp = client.post(
+        "/login",
+        data={"username": user.username, "password": PASSWORD, "csrf_token": csrf},
+        follow_redirects=False,
+    )
     assert resp.status_code == 303
     cookie = resp.headers["set-cookie"].lower()
     assert "prefloop_session=" in cookie and "httponly" in cookie and "samesite=lax" in cookie
     assert client.get("/api/v1/me").json()["username"] == user.username
 
-    assert client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+    assert (
+        client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+    )
     assert client.get("/api/v1/me").status_code == 401
 
 
@@ -29,12 +34,16 @@ def test_wrong_password_and_unknown_user_get_the_same_answer(client, db):
     user = make_user(db)
     page = client.get("/login")
     csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
-    wrong = client.post("/login", data={"username": user.username, "password": "nope-nope",
-                                        "csrf_token": csrf})
-    unknown = client.post("/login", data={"username": "ghost", "password": "nope-nope",
-                                          "csrf_token": csrf})
+    wrong = client.post(
+        "/login", data={"username": user.username, "password": "nope-nope", "csrf_token": csrf}
+    )
+    unknown = client.post(
+        "/login", data={"username": "ghost", "password": "nope-nope", "csrf_token": csrf}
+    )
     assert wrong.status_code == unknown.status_code == 401
-    assert "wrong username or password" in wrong.text and "wrong username or password" in unknown.text
+    assert (
+        "wrong username or password" in wrong.text and "wrong username or password" in unknown.text
+    )
     assert client.get("/api/v1/me").status_code == 401
 
 
@@ -50,8 +59,12 @@ def test_cookie_authenticated_post_needs_the_csrf_header(client, db):
     user = make_user(db)
     csrf = login(client, user.username)
     assert client.post("/api/v1/tokens", json={"name": "x"}).status_code == 403
-    assert client.post("/api/v1/tokens", json={"name": "x"},
-                       headers={"X-CSRF-Token": "forged"}).status_code == 403
+    assert (
+        client.post(
+            "/api/v1/tokens", json={"name": "x"}, headers={"X-CSRF-Token": "forged"}
+        ).status_code
+        == 403
+    )
     ok = client.post("/api/v1/tokens", json={"name": "x"}, headers={"X-CSRF-Token": csrf})
     assert ok.status_code == 201 and ok.json()["token"].startswith("pfl_")
 
@@ -107,9 +120,16 @@ def test_login_redirect_target_must_be_local(client, db):
     page = client.get("/login?next=https://evil.example/")
     assert 'name="next" value="/"' in page.text
     csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
-    resp = client.post("/login", data={"username": user.username, "password": PASSWORD,
-                                       "csrf_token": csrf, "next": "//evil.example"},
-                       follow_redirects=False)
+    resp = client.post(
+        "/login",
+        data={
+            "username": user.username,
+            "password": PASSWORD,
+            "csrf_token": csrf,
+            "next": "//evil.example",
+        },
+        follow_redirects=False,
+    )
     assert resp.headers["location"] == "/"
 
 
@@ -127,7 +147,12 @@ def test_home_sends_each_role_to_its_work(client, db, role, landing):
 # project id and {t} for a task id; a forbidden role must get 403, never 2xx or 5xx.
 ROLE_MATRIX = [
     ("POST", "/api/v1/projects", {"name": "m", "mode": "pairwise"}, {Role.admin}),
-    ("GET", "/api/v1/projects/{p}/export?shape=pairs&format=jsonl", None, {Role.admin, Role.researcher}),
+    (
+        "GET",
+        "/api/v1/projects/{p}/export?shape=pairs&format=jsonl",
+        None,
+        {Role.admin, Role.researcher},
+    ),
     ("GET", "/api/v1/projects/{p}/tasks/next", None, {Role.admin, Role.annotator}),
     ("POST", "/api/v1/tasks/{t}/judgments", {"choice": "tie"}, {Role.admin, Role.annotator}),
 ]

@@ -47,7 +47,9 @@ def normalize(raw: Sequence[Any], candidates: Sequence[int]) -> list[list[int]]:
             parts.append(f"missing {missing}")
         if extra:
             parts.append(f"not in this task {extra}")
-        raise RankingError("the ranking must order exactly this task's candidates: " + ", ".join(parts))
+        raise RankingError(
+            "the ranking must order exactly this task's candidates: " + ", ".join(parts)
+        )
     return groups
 
 

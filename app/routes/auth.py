@@ -45,8 +45,10 @@ def login(
         user = users.authenticate(db, username, password)
     except NotAuthenticated as exc:
         return render(
-            request, "auth/login.html", {"next": _safe_next(next), "error": exc.message,
-                                         "username": username}, status_code=401,
+            request,
+            "auth/login.html",
+            {"next": _safe_next(next), "error": exc.message, "username": username},
+            status_code=401,
         )
     csrf = request.session.get("csrf")
     request.session.clear()

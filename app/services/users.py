@@ -28,7 +28,11 @@ def _hash_token(token: str) -> str:
 def create(session: Session, username: str, role: Role, password: str | None) -> User:
     """Create a user; a user with no password can only use API tokens."""
     username = username.strip()
-    if not username or len(username) > 64 or not username.replace("-", "").replace("_", "").replace(".", "").isalnum():
+    if (
+        not username
+        or len(username) > 64
+        or not username.replace("-", "").replace("_", "").replace(".", "").isalnum()
+    ):
         raise InvalidInput("username must be 1-64 letters, digits, '.', '-' or '_'")
     if password is not None and len(password) < 8:
         raise InvalidInput("password must be at least 8 characters")
@@ -86,7 +90,9 @@ def create_token(session: Session, user: User, name: str) -> str:
 
 def user_for_token(session: Session, token: str) -> User:
     row = session.scalar(
-        select(ApiToken).where(ApiToken.token_hash == _hash_token(token), ApiToken.revoked.is_(False))
+        select(ApiToken).where(
+            ApiToken.token_hash == _hash_token(token), ApiToken.revoked.is_(False)
+        )
     )
     if row is None or not row.user.active:
         raise NotAuthenticated("invalid or revoked API token")
