@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
 
+READ_ONLY_OPTION = "prefloop_read_only"
+
 
 def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     """Create the engine; SQLite gets WAL, foreign keys and immediate transactions.
@@ -39,12 +41,23 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            deferred = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+            conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def read_only(session: Session) -> Session:
+    """Mark `session`'s coming transaction read-only, before its first statement.
+
+    On SQLite it then begins DEFERRED, so a long read (an export) does not hold the write
+    lock and block labeling; on Postgres it changes nothing.
+    """
+    session.connection(execution_options={READ_ONLY_OPTION: True})
+    return session
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -23,6 +24,20 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 CSRF_SESSION_KEY = "csrf"
 CSRF_FORM_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is looking, as plain values: templates read it even after the request's
+    transaction rolled back (an error page), when ORM rows would be expired."""
+
+    id: int
+    username: str
+    role: Role
+
+    @classmethod
+    def of(cls, user: User) -> Viewer:
+        return cls(id=user.id, username=user.username, role=user.role)
 
 
 def get_settings(request: Request) -> Settings:
@@ -74,7 +89,10 @@ async def check_csrf(request: Request) -> None:
 
 
 async def _csrf_for_cookie_auth(request: Request) -> None:
-    if not request.headers.get("authorization", "").lower().startswith("bearer "):
+    """CSRF applies to cookie sessions only: a bearer token cannot be sent by another site, and
+    a request with no session at all is answered 401 by authentication instead."""
+    bearer = request.headers.get("authorization", "").lower().startswith("bearer ")
+    if not bearer and request.session.get("user_id") is not None:
         await check_csrf(request)
 
 
@@ -85,17 +103,17 @@ def get_current_user(
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         user = users.user_for_token(db, auth[7:].strip())
-        request.state.user = user
+        request.state.user = Viewer.of(user)
         return user
     user_id = request.session.get("user_id")
     if user_id is None:
         raise NotAuthenticated("log in or send an 'Authorization: Bearer <token>' header")
-    user = db.get(User, int(user_id))
-    if user is None or not user.active:
+    found = db.get(User, int(user_id))
+    if found is None or not found.active:
         request.session.clear()
         raise NotAuthenticated("your session has ended; log in again")
-    request.state.user = user
-    return user
+    request.state.user = Viewer.of(found)
+    return found
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]

@@ -31,7 +31,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 PG_ADMIN_URL = os.environ.get(
     "PREFLOOP_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-PG_TEST_DB = os.environ.get("PREFLOOP_TEST_PG_DB", "prefloop_test")
+# One database per test run (by process id), so parallel runs never drop each other's.
+PG_TEST_DB = os.environ.get("PREFLOOP_TEST_PG_DB", f"prefloop_test_{os.getpid()}")
 BACKENDS = ["sqlite", "postgres"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -15,8 +16,17 @@ PASSWORD = "correct-horse-battery"
 _seq = itertools.count(1)
 
 
+@functools.cache
+def _password_hash() -> str:
+    """argon2 is slow by design; hash the shared test password once per run."""
+    return users.hash_password(PASSWORD)
+
+
 def make_user(session: Session, role: Role = Role.annotator, username: str | None = None) -> User:
-    return users.create(session, username or f"{role.value}{next(_seq)}", role, PASSWORD)
+    user = users.create(session, username or f"{role.value}{next(_seq)}", role, None)
+    user.password_hash = _password_hash()
+    session.flush()
+    return user
 
 
 def make_token(session: Session, user: User) -> dict[str, str]:
@@ -57,12 +67,8 @@ def make_prompt(
 def make_task(session: Session, project: Project, prompt: Prompt, **fields: Any) -> Task:
     """A task over all of the prompt's completions (a pair when it has two)."""
     fields.setdefault("required_judgments", project.judgments_per_task)
-    task = Task(
-        project_id=project.id,
-        prompt_id=prompt.id,
-        completion_ids=[c.id for c in prompt.completions],
-        **fields,
-    )
+    fields.setdefault("completion_ids", [c.id for c in prompt.completions])
+    task = Task(project_id=project.id, prompt_id=prompt.id, **fields)
     session.add(task)
     session.flush()
     return task
