@@ -1,0 +1,421 @@
+"""The labeling API and the labeling page (plain form, no JavaScript), on both backends."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import DetachedInstanceError
+
+from app.models import Judgment, Lease, Project, Prompt, Role, Skip, Task, TaskState, User
+from app.services import users as users_service
+from tests.factories import login, make_project, make_prompt, make_task, make_token, make_user
+
+_names = itertools.count(1)
+
+
+def token_user(db: Session, role: Role = Role.annotator) -> tuple[User, dict[str, str]]:
+    """A token-only user (no argon2 hash to compute) and its Authorization header."""
+    user = users_service.create(db, f"label-{role.value}{next(_names)}", role, None)
+    return user, make_token(db, user)
+
+
+def pairs_project(db: Session, n: int, **fields) -> tuple[Project, list[Task]]:  # type: ignore[no-untyped-def]
+    project = make_project(db, **fields)
+    made = [
+        make_task(db, project, make_prompt(db, project, [f"left {i}", f"right {i}"]))
+        for i in range(n)
+    ]
+    return project, made
+
+
+def count(db: Session, model: type) -> int:
+    return int(db.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def form_value(html: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert match, f"no {name} field in the page"
+    return match.group(1)
+
+
+# --- JSON API ----------------------------------------------------------------------------
+
+
+def test_api_flow_next_judge_next_then_204(client: TestClient, db: Session):
+    project, made = pairs_project(db, 2, instructions="Prefer the shorter one.")
+    user, auth = token_user(db)
+    seen = []
+    for _ in made:
+        resp = client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert set(body) == {"task_id", "lease_expires_at", "prompt", "candidates", "instructions"}
+        assert body["instructions"] == "Prefer the shorter one."
+        assert body["prompt"]["text"] == "Say hello." and body["prompt"]["messages"] is None
+        db.expire_all()  # SQLite reuses the deleted lease's id; don't read a stale object
+        task = db.get(Task, body["task_id"])
+        lease = db.scalar(select(Lease).where(Lease.task_id == task.id))
+        assert [c["id"] for c in body["candidates"]] == lease.display_order
+        assert sorted(c["id"] for c in body["candidates"]) == sorted(task.completion_ids)
+        winner = body["candidates"][1]["id"]
+        judged = client.post(
+            f"/api/v1/tasks/{task.id}/judgments",
+            json={"choice": winner, "strength": 3, "rationale": "short", "time_spent_ms": 900},
+            headers=auth,
+        )
+        assert judged.status_code == 201, judged.text
+        out = judged.json()
+        assert out["ranking"][0] == [winner] and out["strength"] == 3
+        assert out["display_order"] == lease.display_order and out["user_id"] == user.id
+        seen.append(task.id)
+    assert sorted(seen) == sorted(t.id for t in made)
+    done = client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth)
+    assert done.status_code == 204 and done.content == b""
+    db.expire_all()
+    assert all(db.get(Task, t.id).state is TaskState.done for t in made)
+
+
+def test_api_next_on_an_empty_project_is_204_and_missing_project_404(client, db):
+    project = make_project(db)
+    _, auth = token_user(db)
+    assert client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth).status_code == 204
+    missing = client.get("/api/v1/projects/999999/tasks/next", headers=auth)
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+def test_api_chat_prompt_comes_back_as_messages(client, db):
+    project = make_project(db)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    prompt = make_prompt(db, project, ["a", "b"], text=None, messages=messages)
+    make_task(db, project, prompt)
+    _, auth = token_user(db)
+    body = client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth).json()
+    assert body["prompt"]["messages"] == messages and body["prompt"]["text"] is None
+
+
+def test_api_reload_returns_the_same_task(client, db):
+    project, _ = pairs_project(db, 3)
+    _, auth = token_user(db)
+    url = f"/api/v1/projects/{project.id}/tasks/next"
+    first, second = client.get(url, headers=auth).json(), client.get(url, headers=auth).json()
+    assert first == second
+    assert count(db, Lease) == 1
+
+
+def test_api_two_annotators_never_get_the_same_task(client, db):
+    project, (only,) = pairs_project(db, 1)
+    _, alice = token_user(db)
+    _, bob = token_user(db)
+    url = f"/api/v1/projects/{project.id}/tasks/next"
+    assert client.get(url, headers=alice).json()["task_id"] == only.id
+    assert client.get(url, headers=bob).status_code == 204
+
+
+def test_api_same_client_key_twice_stores_one_judgment(client, db):
+    project, (task,) = pairs_project(db, 1)
+    _, auth = token_user(db)
+    client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth)
+    body = {"choice": "tie", "client_key": "form-123"}
+    first = client.post(f"/api/v1/tasks/{task.id}/judgments", json=body, headers=auth)
+    second = client.post(f"/api/v1/tasks/{task.id}/judgments", json=body, headers=auth)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json() == second.json()
+    db.refresh(task)
+    assert count(db, Judgment) == 1 and task.judgment_count == 1
+
+
+def test_api_client_key_reused_by_another_user_is_409(client, db):
+    project, (task,) = pairs_project(db, 1, judgments_per_task=2)
+    _, alice = token_user(db)
+    _, bob = token_user(db)
+    body = {"choice": "both_bad", "client_key": "k"}
+    assert (
+        client.post(f"/api/v1/tasks/{task.id}/judgments", json=body, headers=alice).status_code
+        == 201
+    )
+    resp = client.post(f"/api/v1/tasks/{task.id}/judgments", json=body, headers=bob)
+    assert resp.status_code == 409 and resp.json()["error"] == "conflict"
+    assert count(db, Judgment) == 1
+
+
+def test_api_judging_twice_with_new_key_is_409_already_judged(client, db):
+    project, (task,) = pairs_project(db, 1, judgments_per_task=2)
+    _, auth = token_user(db)
+    url = f"/api/v1/tasks/{task.id}/judgments"
+    assert client.post(url, json={"choice": "tie"}, headers=auth).status_code == 201
+    again = client.post(url, json={"choice": "tie"}, headers=auth)
+    assert again.status_code == 409 and again.json()["error"] == "already_judged"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"choice": 987654321}, "choice must be one of"),
+        ({"choice": "left"}, "choice"),
+        ({"ranking": [987654321, 987654320]}, "exactly this task's candidates"),
+        ({"ranking": [[]]}, "empty"),
+        ({}, "exactly one of"),
+        ({"choice": "tie", "strength": 7}, "strength"),
+        ({"choice": True}, "choice"),
+    ],
+)
+def test_api_invalid_verdicts_are_422_with_a_message(client, db, body, needle):
+    project, (task,) = pairs_project(db, 1)
+    _, auth = token_user(db)
+    resp = client.post(f"/api/v1/tasks/{task.id}/judgments", json=body, headers=auth)
+    assert resp.status_code == 422, resp.text
+    assert needle in resp.text
+    assert count(db, Judgment) == 0
+
+
+def test_api_tie_ranking_is_stored_as_one_group(client, db):
+    project, (task,) = pairs_project(db, 1)
+    _, auth = token_user(db)
+    a, b = task.completion_ids
+    resp = client.post(
+        f"/api/v1/tasks/{task.id}/judgments", json={"ranking": [[b, a]]}, headers=auth
+    )
+    assert resp.status_code == 201 and resp.json()["ranking"] == [sorted([a, b])]
+
+
+def test_api_heartbeat_and_skip(client, db):
+    project = make_project(db)
+    prompts = [make_prompt(db, project, ["a", "b"]) for _ in range(2)]
+    for p in prompts:
+        make_task(db, project, p)
+    user, auth = token_user(db)
+    url = f"/api/v1/projects/{project.id}/tasks/next"
+    first = client.get(url, headers=auth).json()
+    beat = client.post(f"/api/v1/tasks/{first['task_id']}/heartbeat", headers=auth)
+    assert beat.status_code == 200 and beat.json()["lease_expires_at"] >= first["lease_expires_at"]
+    skipped = client.post(f"/api/v1/tasks/{first['task_id']}/skip", headers=auth)
+    assert skipped.status_code == 204
+    skip = db.scalar(select(Skip))
+    assert skip.user_id == user.id and skip.prompt_id == first["prompt"]["id"]
+    second = client.get(url, headers=auth).json()
+    assert second["task_id"] != first["task_id"]
+    gone = client.post(f"/api/v1/tasks/{first['task_id']}/heartbeat", headers=auth)
+    assert gone.status_code == 409 and gone.json()["error"] == "lease_expired"
+
+
+def test_api_late_judgment_after_someone_else_filled_the_slot_is_409(client, db):
+    project, (task,) = pairs_project(db, 1)
+    _, alice = token_user(db)
+    _, bob = token_user(db)
+    url = f"/api/v1/tasks/{task.id}/judgments"
+    assert client.post(url, json={"choice": "tie"}, headers=bob).status_code == 201
+    resp = client.post(url, json={"choice": "tie"}, headers=alice)
+    assert resp.status_code == 409 and resp.json()["error"] == "lease_expired"
+    assert "not stored" in resp.json()["detail"]
+
+
+def _labeling_calls(project_id: int, task_id: int) -> list[tuple[str, str, dict]]:
+    return [
+        ("GET", f"/api/v1/projects/{project_id}/tasks/next", {}),
+        ("POST", f"/api/v1/tasks/{task_id}/heartbeat", {}),
+        ("POST", f"/api/v1/tasks/{task_id}/skip", {}),
+        ("POST", f"/api/v1/tasks/{task_id}/judgments", {"json": {"choice": "tie"}}),
+        ("GET", "/label", {}),
+        ("GET", f"/label/{project_id}", {}),
+    ]
+
+
+def test_researchers_get_403_everywhere_in_labeling(client, db):
+    project, (task,) = pairs_project(db, 1)
+    _, auth = token_user(db, Role.researcher)
+    for method, url, kw in _labeling_calls(project.id, task.id):
+        resp = client.request(method, url, headers={**auth, "Accept": "application/json"}, **kw)
+        assert resp.status_code == 403, (method, url, resp.status_code)
+        assert resp.json()["error"] == "forbidden"
+    assert count(db, Lease) == count(db, Judgment) == count(db, Skip) == 0
+
+
+def test_unauthenticated_requests_get_401(client, db):
+    project, (task,) = pairs_project(db, 1)
+    bogus = {"Authorization": "Bearer pfl_not-a-token", "Accept": "application/json"}
+    for method, url, kw in _labeling_calls(project.id, task.id):
+        if method == "GET":
+            resp = client.request(method, url, headers={"Accept": "application/json"}, **kw)
+            assert resp.status_code == 401, (method, url, resp.status_code)
+        resp = client.request(method, url, headers=bogus, **kw)
+        assert resp.status_code == 401, (method, url, resp.status_code)
+        assert resp.json()["error"] == "not_authenticated"
+
+
+def test_unsafe_request_with_no_credentials_is_401(client, db):
+    project, (task,) = pairs_project(db, 1)
+    resp = client.post(f"/api/v1/tasks/{task.id}/judgments", json={"choice": "tie"})
+    assert resp.status_code == 401
+
+
+def test_admins_may_label(client, db):
+    project, (task,) = pairs_project(db, 1)
+    _, auth = token_user(db, Role.admin)
+    assert client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth).status_code == 200
+
+
+def test_cookie_session_api_post_needs_the_csrf_header(client, db):
+    project, _ = pairs_project(db, 1)
+    user = make_user(db)
+    csrf = login(client, user.username)
+    task_id = client.get(f"/api/v1/projects/{project.id}/tasks/next").json()["task_id"]
+    assert client.post(f"/api/v1/tasks/{task_id}/heartbeat").status_code == 403
+    ok = client.post(f"/api/v1/tasks/{task_id}/heartbeat", headers={"X-CSRF-Token": csrf})
+    assert ok.status_code == 200
+
+
+# --- the labeling page, without JavaScript -----------------------------------------------
+
+
+def test_label_index_lists_projects_with_open_counts(client, db):
+    project, _ = pairs_project(db, 3, name="Helpfulness round 1")
+    user = make_user(db)
+    login(client, user.username)
+    page = client.get("/label")
+    assert page.status_code == 200
+    row = re.search(r"Helpfulness round 1</td>.*?</tr>", page.text, re.S)
+    assert row and "<td>3</td>" in row.group(0) and f'href="/label/{project.id}"' in row.group(0)
+
+
+def test_label_page_escapes_completions_and_the_form_flow_works(client, db):
+    project = make_project(db, instructions="Pick the <em>safer</em> one.")
+    evil = "<script>alert(1)</script>\n    indented & kept"
+    prompt = make_prompt(db, project, [evil, "plain answer"], text="Write <b>HTML</b>?")
+    task = make_task(db, project, prompt)
+    user = make_user(db)
+    login(client, user.username)
+
+    page = client.get(f"/label/{project.id}")
+    assert page.status_code == 200
+    html = page.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;\n    indented &amp; kept" in html
+    assert "<script>alert(1)</script>" not in html
+    assert "Write &lt;b&gt;HTML&lt;/b&gt;?" in html
+    assert "Pick the &lt;em&gt;safer&lt;/em&gt; one." in html
+    assert '<script src="/static/label.js" defer></script>' in html
+    assert "You have judged 0 here · 1 task open" in html
+    assert int(form_value(html, "task_id")) == task.id
+
+    lease = db.scalar(select(Lease).where(Lease.task_id == task.id))
+    left, right = lease.display_order
+    a_block = html.split('id="candidate-A"', 1)[1].split("</article>", 1)[0]
+    assert (evil.replace("<", "&lt;").replace(">", "&gt;").replace("& ", "&amp; ") in a_block) == (
+        left == prompt.completions[0].id
+    )
+    form = {
+        "csrf_token": form_value(html, "csrf_token"),
+        "task_id": form_value(html, "task_id"),
+        "client_key": form_value(html, "client_key"),
+        "time_started": form_value(html, "time_started"),
+        "choice": str(right),
+        "rationale": "B is safe",
+    }
+    first = client.post(f"/label/{project.id}/submit", data=form, follow_redirects=False)
+    assert first.status_code == 303 and first.headers["location"] == f"/label/{project.id}"
+    second = client.post(f"/label/{project.id}/submit", data=form, follow_redirects=False)
+    assert second.status_code == 303  # a resent form just continues
+    stored = db.scalars(select(Judgment)).all()
+    assert len(stored) == 1
+    assert stored[0].ranking == [[right], [left]] and stored[0].rationale == "B is safe"
+    assert stored[0].display_order == [left, right] and stored[0].time_spent_ms is not None
+
+    done = client.get(f"/label/{project.id}")
+    assert "All done" in done.text and "You have judged 1 task here" in done.text
+
+
+def test_label_page_renders_chat_messages_as_a_conversation(client, db):
+    project = make_project(db)
+    messages = [
+        {"role": "system", "content": "Be <terse>."},
+        {"role": "user", "content": "Hi\n  there"},
+    ]
+    make_task(db, project, make_prompt(db, project, ["a", "b"], text=None, messages=messages))
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    assert html.count('class="msg"') == 2
+    assert '<div class="role">system</div><pre class="prompt">Be &lt;terse&gt;.</pre>' in html
+    assert "Hi\n  there" in html
+
+
+def test_label_form_without_csrf_is_403_and_without_choice_is_422(client, db):
+    project, (task,) = pairs_project(db, 1)
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    form = {"task_id": str(task.id), "choice": "tie", "client_key": "x"}
+    assert client.post(f"/label/{project.id}/submit", data=form).status_code == 403
+    form["csrf_token"] = form_value(html, "csrf_token")
+    del form["choice"]
+    missing = client.post(
+        f"/label/{project.id}/submit", data=form, headers={"Accept": "application/json"}
+    )
+    assert missing.status_code == 422 and "choose A, B, Tie or Both bad" in missing.text
+    assert count(db, Judgment) == 0
+
+
+def test_html_error_page_for_a_logged_in_annotator(client, db):
+    project, (task,) = pairs_project(db, 1)
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    form = {"csrf_token": form_value(html, "csrf_token"), "task_id": str(task.id)}
+    resp = client.post(f"/label/{project.id}/submit", data=form)
+    assert resp.status_code == 422 and "choose A, B, Tie or Both bad" in resp.text
+
+
+def test_label_form_tie_and_both_bad(client, db):
+    project, made = pairs_project(db, 2)
+    login(client, make_user(db).username)
+    for choice in ("tie", "both_bad"):
+        html = client.get(f"/label/{project.id}").text
+        form = {
+            "csrf_token": form_value(html, "csrf_token"),
+            "task_id": form_value(html, "task_id"),
+            "client_key": form_value(html, "client_key"),
+            "choice": choice,
+        }
+        assert (
+            client.post(
+                f"/label/{project.id}/submit", data=form, follow_redirects=False
+            ).status_code
+            == 303
+        )
+    rows = db.scalars(select(Judgment).order_by(Judgment.id)).all()
+    assert [r.none_acceptable for r in rows] == [False, True]
+    assert all(len(r.ranking) == 1 and len(r.ranking[0]) == 2 for r in rows)
+    assert made
+
+
+def test_label_skip_form(client, db):
+    project, made = pairs_project(db, 2)
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    first = int(form_value(html, "task_id"))
+    resp = client.post(
+        f"/label/{project.id}/skip",
+        data={"csrf_token": form_value(html, "csrf_token"), "task_id": str(first)},
+        follow_redirects=False,
+    )
+    assert resp.status_code == 303
+    nxt = client.get(f"/label/{project.id}").text
+    assert int(form_value(nxt, "task_id")) != first
+    assert count(db, Skip) == 1 and made
+
+
+def test_label_pages_redirect_anonymous_browsers_to_login(client, db):
+    project, _ = pairs_project(db, 1)
+    resp = client.get(f"/label/{project.id}", follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"].startswith("/login?next=")
+
+
+def test_label_reload_shows_the_same_task(client, db):
+    project, _ = pairs_project(db, 3)
+    login(client, make_user(db).username)
+    one = client.get(f"/label/{project.id}").text
+    two = client.get(f"/label/{project.id}").text
+    assert form_value(one, "task_id") == form_value(two, "task_id")
+    assert form_value(one, "client_key") != form_value(two, "client_key")
+    assert count(db, Lease) == 1 and count(db, Prompt) == 3
