@@ -1,7 +1,208 @@
-"""Routes for projects (being written)."""
+"""Projects and prompt uploads: the JSON API and the admin / researcher pages."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import random
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import RedirectResponse, Response
+
+from app.deps import AdminUser, CurrentUser, Db, ExportUser, SettingsDep
+from app.errors import Conflict, InvalidInput, InvalidUpload, UploadTooLarge
+from app.models import Role
+from app.schemas import ImportOut, ProjectBrief, ProjectDetail, ProjectIn, ProjectOut
+from app.services import projects, prompts
+from app.web import render
 
 router = APIRouter()
+FLASH_KEY = "projects_flash"
+
+
+# --- JSON API ---------------------------------------------------------------------------------
+
+
+@router.post("/api/v1/projects", status_code=201, tags=["projects"])
+def create_project(body: ProjectIn, user: AdminUser, db: Db) -> ProjectOut:
+    project = projects.create(db, **body.model_dump(), created_by=user.id)
+    return ProjectOut.model_validate(project)
+
+
+@router.get("/api/v1/projects", tags=["projects"])
+def list_projects(user: CurrentUser, db: Db) -> list[ProjectOut] | list[ProjectBrief]:
+    """Admins and researchers get the full settings; annotators only what they label by."""
+    found = projects.list_all(db)
+    if user.role is Role.annotator:
+        return [ProjectBrief.model_validate(p) for p in found]
+    return [ProjectOut.model_validate(p) for p in found]
+
+
+@router.get("/api/v1/projects/{project_id}", tags=["projects"])
+def get_project(project_id: int, user: CurrentUser, db: Db) -> ProjectDetail | ProjectBrief:
+    """Settings and progress counts; annotators get the brief view (name, instructions)."""
+    project, counts = projects.detail(db, project_id)
+    if user.role is Role.annotator:
+        return ProjectBrief.model_validate(project)
+    return ProjectDetail.model_validate(
+        {**ProjectOut.model_validate(project).model_dump(), "progress": counts}
+    )
+
+
+@router.post("/api/v1/projects/{project_id}/prompts", status_code=201, tags=["projects"])
+def upload_prompts(
+    project_id: int,
+    user: AdminUser,
+    db: Db,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="JSONL, CSV or Parquet; all or nothing")],
+    upsert: Annotated[bool, Form(description="update prompts whose ids exist")] = False,
+) -> ImportOut:
+    data = file.file.read(settings.max_upload_bytes + 1)
+    result = prompts.import_upload(
+        db,
+        project_id,
+        file.filename or "",
+        data,
+        upsert=upsert,
+        rng=random.Random(),
+        settings=settings,
+    )
+    return ImportOut(**_counts(result), summary=result.summary())
+
+
+# --- pages ------------------------------------------------------------------------------------
+
+
+@router.get("/projects", include_in_schema=False)
+def projects_page(request: Request, user: ExportUser, db: Db) -> Response:
+    return _render_list(request, db)
+
+
+@router.post("/projects", include_in_schema=False)
+def create_project_form(
+    request: Request,
+    user: AdminUser,
+    db: Db,
+    name: Annotated[str, Form()] = "",
+    mode: Annotated[str, Form()] = "pairwise",
+    instructions: Annotated[str, Form()] = "",
+    judgments_per_task: Annotated[str, Form()] = "1",
+    candidates_per_task: Annotated[str, Form()] = "",
+) -> Response:
+    """Create from the plain form; a bad value re-renders the form with the message."""
+    form = {
+        "name": name,
+        "mode": mode,
+        "instructions": instructions,
+        "judgments_per_task": judgments_per_task,
+        "candidates_per_task": candidates_per_task,
+    }
+    try:
+        project = projects.create(
+            db,
+            name=name,
+            mode=mode,
+            instructions=instructions,
+            judgments_per_task=_form_int(judgments_per_task, "judgments per task", default=1),
+            candidates_per_task=_form_int(candidates_per_task, "candidates per task"),
+            created_by=user.id,
+        )
+    except (InvalidInput, Conflict) as exc:
+        return _render_list(request, db, form=form, error=exc.message, status_code=exc.status)
+    return RedirectResponse(f"/projects/{project.id}", status_code=303)
+
+
+@router.get("/projects/{project_id}", include_in_schema=False)
+def project_page(request: Request, project_id: int, user: ExportUser, db: Db) -> Response:
+    result = request.session.pop(FLASH_KEY, None)
+    if result is not None and result.get("project_id") != project_id:
+        result = None
+    return _render_detail(request, db, project_id, result=result)
+
+
+@router.post("/projects/{project_id}/prompts/upload", include_in_schema=False)
+def upload_form(
+    request: Request,
+    project_id: int,
+    user: AdminUser,
+    db: Db,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File()],
+    upsert: Annotated[bool, Form()] = False,
+) -> Response:
+    """Upload from the page: success redirects (counts shown once), a bad file re-renders
+    the page with a table of every bad line."""
+    data = file.file.read(settings.max_upload_bytes + 1)
+    filename = file.filename or ""
+    try:
+        result = prompts.import_upload(
+            db, project_id, filename, data, upsert=upsert, rng=random.Random(), settings=settings
+        )
+    except (InvalidUpload, UploadTooLarge) as exc:
+        failure = {
+            "filename": filename,
+            "message": exc.message,
+            "errors": getattr(exc, "errors", []),
+        }
+        return _render_detail(request, db, project_id, failure=failure, status_code=exc.status)
+    request.session[FLASH_KEY] = {
+        "project_id": project_id,
+        "filename": filename,
+        "summary": result.summary(),
+        **_counts(result),
+    }
+    return RedirectResponse(f"/projects/{project_id}", status_code=303)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _counts(result: prompts.ImportResult) -> dict[str, int]:
+    return {
+        "rows": result.rows,
+        "prompts_created": result.prompts_created,
+        "prompts_updated": result.prompts_updated,
+        "completions_created": result.completions_created,
+        "tasks_created": result.tasks_created,
+    }
+
+
+def _form_int(value: str, label: str, default: int | None = None) -> Any:
+    """A number typed into a form; blank means `default`."""
+    value = value.strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"{label} must be a whole number, not {value!r}") from None
+
+
+def _render_list(
+    request: Request,
+    db: Db,
+    *,
+    form: dict[str, str] | None = None,
+    error: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    context: dict[str, Any] = {
+        "items": projects.list_with_progress(db),
+        "form": form or {"mode": "pairwise", "judgments_per_task": "1"},
+        "error": error,
+    }
+    return render(request, "projects/list.html", context, status_code=status_code)
+
+
+def _render_detail(
+    request: Request,
+    db: Db,
+    project_id: int,
+    *,
+    result: dict[str, Any] | None = None,
+    failure: dict[str, Any] | None = None,
+    status_code: int = 200,
+) -> Response:
+    project, counts = projects.detail(db, project_id)
+    context = {"project": project, "progress": counts, "result": result, "failure": failure}
+    return render(request, "projects/detail.html", context, status_code=status_code)
