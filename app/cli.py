@@ -194,6 +194,155 @@ def export_rows(
         _fail(exc)
 
 
+# --- jobs and models: worker, train, models, score ------------------------------------------
+
+train_cli = typer.Typer(help="Queue (and optionally run) training jobs.", no_args_is_help=True)
+cli.add_typer(train_cli, name="train")
+
+
+def _exec_worker(args: list[str]) -> None:
+    """Become the worker process (`python -m worker.main ARGS`).
+
+    The web package never imports worker code (it pulls in torch), so the CLI hands over to
+    the worker module by exec: same process id, so SIGTERM from a supervisor or Ctrl-C from
+    a terminal reaches the worker's own handlers directly.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "worker.main", *args])
+
+
+@cli.command("worker")
+def worker(
+    once: Annotated[bool, typer.Option(help="run at most one job, then exit")] = False,
+    poll_interval: Annotated[float, typer.Option(help="seconds between queue polls")] = 2.0,
+    kind: Annotated[list[str] | None, typer.Option(help="only claim these job kinds")] = None,
+) -> None:
+    """Claim and run queued jobs until SIGTERM/SIGINT (then finish the step and requeue)."""
+    args = ["--poll-interval", str(poll_interval)]
+    if once:
+        args.append("--once")
+    for name in kind or []:
+        args += ["--kind", name]
+    _exec_worker(args)
+
+
+def _param(raw: str) -> tuple[str, object]:
+    """`key=value`, the value read as JSON when it parses (numbers, booleans) else as text."""
+    import json
+
+    key, sep, value = raw.partition("=")
+    if not sep or not key:
+        raise typer.BadParameter(f"expected key=value, got {raw!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+@train_cli.command("reward")
+def train_reward(
+    project: str,
+    epochs: Annotated[int | None, typer.Option(help="passes over the judgments")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="judgments per micro-batch")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="minilm (default), smollm2, a directory or a model id")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="any trainer field: key=value")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="run the job here, with a progress bar, until it ends")
+    ] = False,
+) -> None:
+    """Queue a reward-model training job for PROJECT (id or name) on all its judgments so far."""
+    from app.services import jobs, projects
+
+    params: dict[str, object] = dict(_param(p) for p in param or [])
+    for key, value in (
+        ("epochs", epochs),
+        ("lr", lr),
+        ("batch_size", batch_size),
+        ("backbone", backbone),
+    ):
+        if value is not None:
+            params[key] = value
+    try:
+        with transaction(_sessions(Settings())) as session:
+            proj = projects.resolve(session, project)
+            job_id = jobs.enqueue(session, proj.id, jobs.REWARD, params, None).id
+    except DomainError as exc:
+        _fail(exc)
+    console.print(f"queued reward job [bold]{job_id}[/bold]")
+    if wait:
+        _exec_worker(["--job", str(job_id), "--progress-bar"])
+
+
+@cli.command("models")
+def list_models(
+    project: Annotated[str | None, typer.Option(help="only this project (id or name)")] = None,
+) -> None:
+    """Model versions, newest first, with their held-out metrics."""
+    from rich.table import Table
+
+    from app.db import read_only
+    from app.services import model_registry, projects
+
+    table = Table(
+        "id", "kind", "project", "job", "eval acc", "eval loss", "steps", "created", "artifact"
+    )
+    try:
+        with transaction(_sessions(Settings())) as session:
+            read_only(session)
+            project_id = projects.resolve(session, project).id if project else None
+            for m in model_registry.list_models(session, project_id=project_id):
+                held_out = m.metrics.get("eval") or {}
+                acc, loss = held_out.get("accuracy"), held_out.get("loss")
+                table.add_row(
+                    str(m.id),
+                    m.kind.value,
+                    str(m.project_id or ""),
+                    str(m.job_id or ""),
+                    f"{acc:.3f}" if isinstance(acc, float) else "",
+                    f"{loss:.4f}" if isinstance(loss, float) else "",
+                    str(m.metrics.get("total_steps", "")),
+                    m.created_at.strftime("%Y-%m-%d %H:%M"),
+                    m.artifact_path,
+                )
+    except DomainError as exc:
+        _fail(exc)
+    console.print(table)
+
+
+@cli.command("score")
+def score_completions(
+    model_id: int,
+    prompt: Annotated[str, typer.Option(help="the prompt the completions answer")],
+    completion: Annotated[
+        list[str], typer.Option("--completion", "-c", help="repeat per completion")
+    ],
+) -> None:
+    """Score completions with reward model MODEL_ID (higher is preferred)."""
+    from rich.table import Table
+
+    from app.db import read_only
+    from app.services import model_registry
+
+    try:
+        with transaction(_sessions(Settings())) as session:
+            directory = model_registry.scorable_dir(read_only(session), model_id)
+        scores = model_registry.score_dir(directory, prompt, completion)
+    except DomainError as exc:
+        _fail(exc)
+    table = Table("#", "score", "completion")
+    for i, (value, text) in enumerate(zip(scores, completion, strict=True), start=1):
+        table.add_row(str(i), f"{value:.4f}", text if len(text) <= 80 else text[:77] + "...")
+    console.print(table)
+
+
 def main() -> None:
     cli()
 

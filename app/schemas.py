@@ -118,6 +118,7 @@ class JudgmentIn(BaseModel):
 
     ranking: list[StrictInt | list[StrictInt]] | None = None
     choice: StrictInt | Literal["tie", "both_bad"] | None = None
+    none_acceptable: bool | None = None
     strength: int | None = Field(default=None, ge=1, le=3)
     rationale: str | None = Field(default=None, max_length=10_000)
     client_key: str | None = Field(default=None, min_length=1, max_length=128)

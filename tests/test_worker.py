@@ -1,0 +1,461 @@
+"""The worker: training data from judgments, the runner, the loop, crash and stop safety.
+
+The end-to-end tests commit real rows (the worker builds its own engine, as in production)
+and train a tiny reward model on a planted preference: the completion containing "good"
+always beats the one containing "bad".
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from transformers import AutoModelForSequenceClassification
+
+from app.db import transaction
+from app.main import create_app
+from app.models import (
+    Job,
+    JobState,
+    Judgment,
+    ModelKind,
+    ModelVersion,
+    Project,
+    ProjectMode,
+    Role,
+    Task,
+    User,
+)
+from app.services import jobs, training_data
+from app.settings import Settings
+from tests.factories import make_project, make_prompt, make_task, make_token, make_user
+from worker import main as worker_main
+from worker import runner
+from worker.models import tiny_reward_model, tiny_tokenizer
+from worker.reward import score
+
+FILLER = [f"w{i}" for i in range(30)]
+WORDS = [*FILLER, "good", "bad", "meh", "user:", "assistant:"]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT + word-level tokenizer saved where a job's `backbone` param can name it."""
+    path = tmp_path_factory.mktemp("tiny") / "backbone"
+    tokenizer = tiny_tokenizer(WORDS)
+    tiny_reward_model(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def worker_settings(backend_settings: Settings, tmp_path: Path) -> Settings:
+    return backend_settings.model_copy(update={"artifact_dir": tmp_path / "artifacts"})
+
+
+def tiny_params(backbone: Path, **overrides: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "backbone": str(backbone),
+        "max_length": 48,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "epochs": 2,
+        "eval_fraction": 0.2,
+        "seed": 0,
+    }
+    params.update(overrides)
+    return params
+
+
+def judge(
+    session: Session,
+    project: Project,
+    user: User,
+    ranking_texts: list[list[str]],
+    prompt: str,
+    texts: list[str],
+    **fields: Any,
+) -> Judgment:
+    """A prompt with `texts` as completions, one task over them, and `user`'s ranking of them."""
+    made = make_prompt(session, project, texts, text=prompt)
+    task = make_task(session, project, made)
+    by_text = {c.text: c.id for c in made.completions}
+    ranking = [[by_text[t] for t in group] for group in ranking_texts]
+    judgment = Judgment(
+        project_id=project.id,
+        task_id=task.id,
+        user_id=user.id,
+        ranking=ranking,
+        display_order=[by_text[t] for t in texts],
+        **fields,
+    )
+    session.add(judgment)
+    session.flush()
+    return judgment
+
+
+def seed_planted(factory: sessionmaker[Session], n: int, seed: int = 0) -> tuple[int, int, str]:
+    """`n` committed pairwise judgments where "good" beats "bad"; (project id, admin id, token)."""
+    rng = random.Random(seed)
+
+    def text(marker: str) -> str:
+        words = rng.choices(FILLER, k=rng.randint(2, 6))
+        words.insert(rng.randint(0, len(words)), marker)
+        return " ".join(words)
+
+    with transaction(factory) as session:
+        admin = make_user(session, Role.admin)
+        token = make_token(session, admin)["Authorization"]
+        annotators = [make_user(session) for _ in range(3)]
+        project = make_project(session)
+        for i in range(n):
+            good, bad = text("good"), text("bad")
+            shown = [good, bad] if rng.random() < 0.5 else [bad, good]
+            judge(
+                session,
+                project,
+                annotators[i % 3],
+                [[good], [bad]],
+                " ".join(rng.choices(FILLER, k=3)),
+                shown,
+            )
+        return project.id, admin.id, token
+
+
+def job_row(factory: sessionmaker[Session], job_id: int) -> Job:
+    with transaction(factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def enqueue(
+    factory: sessionmaker[Session], project_id: int, kind: str, params: dict[str, Any], **kw: Any
+) -> int:
+    with transaction(factory) as session:
+        return jobs.enqueue(session, project_id, kind, params, None, **kw).id
+
+
+# --- training data ---------------------------------------------------------------------------
+
+
+def test_preference_groups_keep_rankings_ties_and_the_cutoff(db: Session) -> None:
+    annotator = make_user(db, username="ann-rows")
+    project = make_project(db, mode=ProjectMode.ranking)
+    first = judge(
+        db, project, annotator, [["b"], ["a", "c"]], "Rank these.", ["a", "b", "c"], strength=3
+    )
+    chat = make_prompt(
+        db,
+        project,
+        ["x", "y"],
+        text=None,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    )
+    task = make_task(db, project, chat)
+    x, y = task.completion_ids
+    db.add(
+        Judgment(
+            project_id=project.id,
+            task_id=task.id,
+            user_id=annotator.id,
+            ranking=[[x, y]],
+            none_acceptable=True,
+            display_order=[y, x],
+        )
+    )
+    db.flush()
+    other = make_project(db)
+    judge(db, other, annotator, [["p"], ["q"]], "Elsewhere.", ["p", "q"])
+
+    rows = list(training_data.preference_groups(db, project.id))
+    assert len(rows) == 2
+    assert rows[0] == {
+        "prompt_id": db.get(Task, first.task_id).prompt_id,  # type: ignore[union-attr]
+        "prompt": "Rank these.",
+        "completions": ["a", "b", "c"],
+        "ranking": [[1], [0, 2]],
+        "strength": 3,
+        "annotator": "ann-rows",
+        "sources": ["upload", "upload", "upload"],
+    }
+    assert rows[1]["prompt"] == "user: hi\nassistant: hello"
+    assert rows[1]["ranking"] == [[0, 1]] and rows[1]["completions"] == ["x", "y"]
+
+    cutoff = training_data.max_judgment_id(db, project.id)
+    judge(db, project, annotator, [["n"], ["m"]], "Later.", ["m", "n"])
+    assert len(list(training_data.preference_groups(db, project.id, max_judgment_id=cutoff))) == 2
+    assert len(list(training_data.preference_groups(db, project.id))) == 3
+
+
+# --- the runner and the loop, end to end -------------------------------------------------------
+
+
+def test_worker_trains_registers_and_serves_a_reward_model(
+    committed_factory: sessionmaker[Session],
+    worker_settings: Settings,
+    backbone: Path,
+    backend: str,
+) -> None:
+    project_id, _, token = seed_planted(committed_factory, 160)
+    job_id = enqueue(committed_factory, project_id, "reward", tiny_params(backbone))
+    seen: list[dict[str, Any]] = []
+
+    outcomes = worker_main.main(
+        worker_settings, once=True, heartbeat_every_s=0.2, on_progress=seen.append
+    )
+
+    assert outcomes == ["succeeded"]
+    job = job_row(committed_factory, job_id)
+    assert job.state is JobState.succeeded and job.error is None and job.attempts == 0
+    assert job.progress["step"] == job.progress["total_steps"] == job.metrics["total_steps"]
+    assert job.progress["stage"] == "done"
+    assert [p["step"] for p in seen if "step" in p] == list(
+        range(1, job.metrics["total_steps"] + 1)
+    )
+    data = job.metrics["data"]
+    assert data["judgments"] == 160 and data["max_judgment_id"] > 0
+    assert job.metrics["eval"]["accuracy"] >= 0.8, job.metrics["history"]
+
+    with transaction(committed_factory) as session:
+        model = session.scalars(select(ModelVersion)).one()
+    assert (model.kind, model.job_id, model.project_id) == (ModelKind.reward, job_id, project_id)
+    assert job.metrics["model_version_id"] == model.id
+    assert model.config["backbone"] == str(backbone) and model.config["data"] == data
+    out_dir = worker_settings.artifact_dir / "models" / f"reward-{job_id}"
+    assert Path(model.artifact_path) == out_dir.resolve()
+    assert AutoModelForSequenceClassification.from_pretrained(out_dir).config.num_labels == 1
+    assert [p.name for p in out_dir.parent.iterdir()] == [out_dir.name]  # no temp leftovers
+
+    app = create_app(worker_settings)
+    headers = {"Authorization": token}
+    with TestClient(app) as client:
+        listed = client.get("/api/v1/models", headers=headers).json()
+        assert [m["id"] for m in listed] == [model.id]
+        assert listed[0]["metrics"]["eval"]["accuracy"] == job.metrics["eval"]["accuracy"]
+        assert listed[0]["kind"] == "reward" and listed[0]["project_id"] == project_id
+
+        archive = client.get(f"/api/v1/models/{model.id}/download", headers=headers)
+        assert archive.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+            names = set(tar.getnames())
+        assert {f"reward-{model.id}/config.json", f"reward-{model.id}/prefloop.json"} <= names
+
+        if backend == "sqlite":  # the scorer subprocess never touches the database: once is enough
+            prompt, completions = "w1 w2 w3", ["w4 bad w5", "w4 good w5"]
+            scored = client.post(
+                f"/api/v1/models/{model.id}/score",
+                headers=headers,
+                json={"prompt": prompt, "completions": completions},
+            )
+            assert scored.status_code == 200, scored.text
+            assert scored.json()["scores"] == pytest.approx(
+                score(out_dir, prompt, completions), abs=1e-5
+            )
+            assert scored.json()["scores"][1] > scored.json()["scores"][0]
+
+        job_page = client.get(f"/jobs/{job_id}", headers=headers)
+        assert "Held-out evaluation" in job_page.text and "hx-trigger" not in job_page.text
+        assert f"{job.metrics['eval']['accuracy']:.4f}" in job_page.text
+        assert "160 judgments of" in job_page.text
+
+        page = client.get("/models", headers=headers)
+        assert page.status_code == 200 and "<polyline" in page.text
+        assert f"/api/v1/models/{model.id}/download" in page.text
+    app.state.engine.dispose()
+
+
+def test_crash_mid_training_leaves_no_artifact_and_retries_then_fails(
+    committed_factory: sessionmaker[Session], worker_settings: Settings, backbone: Path
+) -> None:
+    project_id, _, _ = seed_planted(committed_factory, 40)
+    job_id = enqueue(
+        committed_factory,
+        project_id,
+        "reward",
+        tiny_params(backbone, epochs=1, fail_after_step=1),
+        max_attempts=2,
+    )
+    models_dir = worker_settings.artifact_dir / "models"
+
+    assert worker_main.main(worker_settings, once=True) == ["queued"]  # retryable: one more try
+    job = job_row(committed_factory, job_id)
+    assert (job.state, job.attempts) == (JobState.queued, 1)
+    assert job.error is not None and job.error.startswith(
+        "RuntimeError: injected failure after step 1"
+    )
+    assert not models_dir.exists() or list(models_dir.iterdir()) == []
+
+    assert worker_main.main(worker_settings, once=True) == ["failed"]
+    job = job_row(committed_factory, job_id)
+    assert (job.state, job.attempts) == (JobState.failed, 2) and job.finished_at is not None
+    assert "injected failure" in (job.error or "")
+    assert not models_dir.exists() or list(models_dir.iterdir()) == []
+    with transaction(committed_factory) as session:
+        assert session.scalars(select(ModelVersion)).all() == []
+
+
+def test_stop_signal_finishes_the_step_and_requeues_without_an_attempt(
+    committed_factory: sessionmaker[Session], worker_settings: Settings, backbone: Path
+) -> None:
+    project_id, _, _ = seed_planted(committed_factory, 40)
+    job_id = enqueue(committed_factory, project_id, "reward", tiny_params(backbone, epochs=1))
+    stop = threading.Event()
+    steps: list[int] = []
+
+    def sigterm_at_first_step(progress: dict[str, Any]) -> None:
+        if "step" in progress:
+            steps.append(progress["step"])
+            stop.set()  # what the SIGTERM handler does
+
+    outcomes = worker_main.main(
+        worker_settings, once=True, stop=stop, on_progress=sigterm_at_first_step
+    )
+
+    assert outcomes == ["queued"] and steps == [1]
+    job = job_row(committed_factory, job_id)
+    assert (job.state, job.attempts, job.worker_id, job.error) == (JobState.queued, 0, None, None)
+    models_dir = worker_settings.artifact_dir / "models"
+    assert not models_dir.exists() or list(models_dir.iterdir()) == []
+
+
+def test_sigterm_to_a_real_worker_process_requeues_the_job(
+    committed_factory: sessionmaker[Session],
+    worker_settings: Settings,
+    backbone: Path,
+    backend: str,
+    tmp_path: Path,
+) -> None:
+    if backend == "postgres":
+        pytest.skip("the signal path is the same on both backends; run it once")
+    project_id, _, _ = seed_planted(committed_factory, 40)
+    long_run = tiny_params(backbone, epochs=500, batch_size=1)  # far longer than the test
+    job_id = enqueue(committed_factory, project_id, "reward", long_run)
+    env = {
+        **os.environ,
+        "PREFLOOP_DATABASE_URL": worker_settings.database_url,
+        "PREFLOOP_ARTIFACT_DIR": str(worker_settings.artifact_dir),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.main", "--once"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while job_row(committed_factory, job_id).state is not JobState.running:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the worker never claimed the job"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "SIGTERM received" in output
+    job = job_row(committed_factory, job_id)
+    assert (job.state, job.attempts, job.worker_id) == (JobState.queued, 0, None), job.error
+    models_dir = worker_settings.artifact_dir / "models"
+    assert not models_dir.exists() or list(models_dir.iterdir()) == []
+
+
+def test_runner_fails_unknown_kinds_params_and_empty_projects_for_good(
+    committed_factory: sessionmaker[Session], worker_settings: Settings, backbone: Path
+) -> None:
+    project_id, _, _ = seed_planted(committed_factory, 4)
+    with transaction(committed_factory) as session:
+        empty_id = make_project(session).id
+    ppo = enqueue(committed_factory, project_id, "ppo", {})
+    generate = enqueue(committed_factory, project_id, "generate", {})
+    typo = enqueue(committed_factory, project_id, "reward", {"epochz": 2, "lr": "fast"})
+    for _ in range(3):
+        assert worker_main.main(worker_settings, once=True) == ["failed"]
+    wrong_type = enqueue(committed_factory, project_id, "reward", {"lr": "fast"})
+    assert worker_main.main(worker_settings, once=True) == ["failed"]
+    empty = enqueue(committed_factory, empty_id, "reward", tiny_params(backbone))
+    assert worker_main.main(worker_settings, once=True) == ["failed"]
+    assert worker_main.main(worker_settings, once=True) == []  # nothing left: --once returns
+
+    errors = {
+        j: job_row(committed_factory, j).error or ""
+        for j in (ppo, generate, typo, wrong_type, empty)
+    }
+    assert errors[ppo].startswith("JobError: ppo jobs are not implemented yet")
+    assert errors[generate].startswith("JobError: generate jobs are not implemented yet")
+    assert "unknown reward parameter(s) epochz" in errors[typo]
+    assert "parameter 'lr' must be a number" in errors[wrong_type]
+    assert "no judgments with a preference" in errors[empty]
+    assert all(job_row(committed_factory, j).attempts == 1 for j in errors)  # never retried
+
+
+def test_worker_loop_schedules_reward_retraining(
+    committed_factory: sessionmaker[Session], worker_settings: Settings
+) -> None:
+    project_id, _, _ = seed_planted(committed_factory, 3)
+    with transaction(committed_factory) as session:
+        session.get(Project, project_id).settings = {jobs.AUTO_REWARD_SETTING: 3}  # type: ignore[union-attr]
+    # Only "generate" jobs are claimed here, so the scheduled reward job stays queued.
+    assert worker_main.main(worker_settings, once=True, kinds=["generate"]) == []
+    with transaction(committed_factory) as session:
+        scheduled = session.scalars(select(Job)).all()
+        assert [(j.kind, j.state, j.params) for j in scheduled] == [
+            ("reward", JobState.queued, {"trigger": "auto"})
+        ]
+    assert worker_main.main(worker_settings, once=True, kinds=["generate"]) == []
+    with transaction(committed_factory) as session:
+        assert len(session.scalars(select(Job)).all()) == 1  # still one: it is active
+
+
+def test_heartbeat_thread_writes_progress_and_notices_a_cancel(
+    committed_factory: sessionmaker[Session],
+) -> None:
+    with transaction(committed_factory) as session:
+        project = make_project(session)
+        job = jobs.enqueue(session, project.id, "reward", {}, None)
+        jobs.claim(session, "me:1", job.created_at)
+        job_id = job.id
+    state = worker_main.RunState()
+    state.update({"step": 4, "total_steps": 10})
+    beat = threading.Thread(
+        target=worker_main._heartbeat_loop, args=(committed_factory, job_id, "me:1", state, 0.01)
+    )
+    beat.start()
+    deadline = time.monotonic() + 20
+    while job_row(committed_factory, job_id).progress != {"step": 4, "total_steps": 10}:
+        assert time.monotonic() < deadline, "no heartbeat wrote the progress"
+        time.sleep(0.01)
+    with transaction(committed_factory) as session:
+        jobs.cancel(session, job_id)
+    beat.join(20)
+    assert not beat.is_alive() and state.lost.is_set()  # it stopped by itself: not ours any more
+
+
+def test_sigterm_sets_the_stop_event_and_handlers_are_restored() -> None:
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGTERM)
+    with worker_main.stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_json_safe_replaces_non_finite_numbers() -> None:
+    value = {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2, "e": "x"}}
+    assert runner.json_safe(value) == {"a": None, "b": [1.0, None], "c": {"d": 2, "e": "x"}}
