@@ -34,7 +34,9 @@ T = torch.tensor
 
 
 def close(actual: torch.Tensor, expected: float | list, atol: float = 1e-6) -> None:
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+    torch.testing.assert_close(
+        actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0
+    )
 
 
 # ranking_to_pairs ---------------------------------------------------------------------------

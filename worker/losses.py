@@ -39,7 +39,9 @@ def ranking_to_pairs(ranking: list[list[int]], ties: bool) -> list[tuple[int, in
             pairs.extend((better, worse, 1.0) for better in upper for worse in lower)
         if ties:
             pairs.extend(
-                (upper[a], upper[b], 0.5) for a in range(len(upper)) for b in range(a + 1, len(upper))
+                (upper[a], upper[b], 0.5)
+                for a in range(len(upper))
+                for b in range(a + 1, len(upper))
             )
     return pairs
 

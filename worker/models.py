@@ -11,6 +11,7 @@ leaves a half-written model that the web app could list or serve.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -100,6 +101,17 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def backbone_path(name_or_path: str | None, *, cache_dir: Path | None = None) -> str | Path:
+    """What `from_pretrained` should load for a backbone setting (see load_reward_backbone)."""
+    if name_or_path is None or name_or_path == "minilm":
+        return minilm_path()
+    if name_or_path == "smollm2":
+        if cache_dir is None:
+            raise ValueError("the smollm2 backbone needs cache_dir to hold its converted weights")
+        return ensure_smollm2_safetensors(cache_dir)
+    return name_or_path
+
+
 def load_reward_backbone(
     name_or_path: str | None,
     dtype: torch.dtype = torch.float32,
@@ -113,14 +125,7 @@ def load_reward_backbone(
     local Hugging Face cache when HF_HUB_OFFLINE=1). The new score head is initialised from
     torch's global generator, so seed it before calling for a reproducible head.
     """
-    if name_or_path is None or name_or_path == "minilm":
-        path: str | Path = minilm_path()
-    elif name_or_path == "smollm2":
-        if cache_dir is None:
-            raise ValueError("the smollm2 backbone needs cache_dir to hold its converted weights")
-        path = ensure_smollm2_safetensors(cache_dir)
-    else:
-        path = name_or_path
+    path = backbone_path(name_or_path, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     prepare_tokenizer(tokenizer, model)
@@ -143,10 +148,13 @@ def ensure_smollm2_safetensors(cache_dir: Path) -> Path:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    try:
+    # The weights are already dequantised to plain float tensors; only the GGUF quantizer
+    # marker remains, and it makes save_pretrained refuse ("not serializable").
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    with contextlib.suppress(FileExistsError):  # another process converted it first
         save_atomic(model, tokenizer, target, {"source": str(gguf), "kind": "policy"})
-    except FileExistsError:
-        pass  # another process converted it first
     return target
 
 
@@ -175,7 +183,12 @@ def save_atomic(
             json.dump(extra, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: we never clobber
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as exc:  # ENOTEMPTY/EEXIST: out_dir appeared meanwhile; never clobber
+            if out_dir.exists():
+                raise FileExistsError(f"{out_dir} was created by someone else") from exc
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -243,20 +256,20 @@ def tiny_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "encoder":
-            config = BertConfig(
+            bert = BertConfig(
                 vocab_size=vocab_size,
                 hidden_size=32,
                 num_hidden_layers=2,
                 num_attention_heads=2,
                 intermediate_size=64,
                 max_position_embeddings=256,
-                num_labels=1,
                 pad_token_id=TINY_SPECIALS.index("[PAD]"),
             )
-            return BertForSequenceClassification(config)
-        config = _tiny_llama_config(vocab_size)
-        config.num_labels = 1
-        return LlamaForSequenceClassification(config)
+            bert.num_labels = 1
+            return BertForSequenceClassification(bert)
+        llama = _tiny_llama_config(vocab_size)
+        llama.num_labels = 1
+        return LlamaForSequenceClassification(llama)
 
 
 def tiny_causal_lm(vocab_size: int, seed: int) -> PreTrainedModel:
