@@ -397,8 +397,8 @@ def test_runner_fails_unknown_kinds_params_and_empty_projects_for_good(
         j: job_row(committed_factory, j).error or ""
         for j in (ppo, generate, typo, wrong_type, empty)
     }
-    assert errors[ppo].startswith("JobError: ppo jobs are not implemented yet")
-    assert errors[generate].startswith("JobError: generate jobs are not implemented yet")
+    assert errors[ppo].startswith("InvalidInput: project") and "no reward model yet" in errors[ppo]
+    assert errors[generate].startswith("JobError: no prompts to generate for (prompts=waiting)")
     assert "unknown reward parameter(s) epochz" in errors[typo]
     assert "parameter 'lr' must be a number" in errors[wrong_type]
     assert "no judgments with a preference" in errors[empty]

@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 from app.db import make_engine, make_sessionmaker, read_only, transaction
 from app.errors import DomainError
 from app.models import JobState, utcnow
-from app.services import jobs
+from app.services import chaining, jobs, webhooks
 from app.settings import Settings
 from worker import runner
 
@@ -143,12 +143,13 @@ def process(
 
 
 def _schedule(factory: sessionmaker[Session]) -> None:
-    """Enqueue reward retraining where a project's every-N-judgments threshold was reached."""
+    """Enqueue reward retraining where a project's every-N-judgments threshold was reached
+    (with the project's loop `reward_params`)."""
     with transaction(factory) as session:
         project_ids = jobs.scheduled_projects(read_only(session))
     for project_id in project_ids:
         with transaction(factory) as session:
-            job = jobs.maybe_schedule_reward(session, project_id)
+            job = chaining.schedule_reward(session, project_id)
             if job is not None:
                 log.info("scheduled reward job %s for project %s", job.id, project_id)
 
@@ -206,8 +207,11 @@ def main(
                         log.warning("job %s had a stale heartbeat: now %s", job.id, job.state.value)
                 if job_id is None:
                     _schedule(factory)
+                    webhooks.run_due(factory, utcnow(), worker_id=me)
                 with transaction(factory) as session:
-                    claimed = jobs.claim(session, me, utcnow(), kinds, job_id=job_id)
+                    claimed = jobs.claim(
+                        session, me, utcnow(), kinds or jobs.TRAINING_KINDS, job_id=job_id
+                    )
                     spec = runner.JobSpec.of(claimed) if claimed is not None else None
                 if spec is None:
                     if once or job_id is not None:
@@ -271,7 +275,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
     parser.add_argument("--poll-interval", type=float, default=2.0, help="seconds between polls")
     parser.add_argument("--job", type=int, default=None, help="run this queued job only")
-    parser.add_argument("--kind", action="append", choices=jobs.KINDS, help="only these kinds")
+    parser.add_argument(
+        "--kind", action="append", choices=jobs.TRAINING_KINDS, help="only these kinds"
+    )
     parser.add_argument("--progress-bar", action="store_true", help="draw a progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

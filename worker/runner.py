@@ -1,10 +1,16 @@
-"""Runs one claimed job of each kind: read its data, train, register the result, finish it.
+"""Runs one claimed job of each kind: read its data, train or sample, record it, finish it.
 
 The worker loop (worker/main.py) owns the queue side — claiming, heartbeats, failing and
-requeueing. This module owns what a job *does*. Each kind ends the same way: the artifact is
-written atomically by the trainer, then one transaction registers the model version and marks
-the job succeeded, so a model version exists exactly when its job succeeded, and an artifact
-whose transaction failed is removed again.
+requeueing. This module owns what a job *does*:
+  reward    train a reward model on the project's judgments (with `heldout_split`, a second
+            one on other prompts, the held-out partner that guards PPO);
+  ppo       optimise a policy against a reward model, keep the best checkpoint;
+  generate  sample completions from a policy and queue them for labeling.
+Each kind ends the same way: the artifact is written atomically, then one transaction
+registers the model version (generate: stores the completions and tasks), marks the job
+succeeded and enqueues the loop's next job if the project asks for it
+(app.services.chaining). So a model version exists exactly when its job succeeded, and an
+artifact whose transaction failed is removed again.
 
 Progress flows out through `report` (the worker's heartbeat thread writes the latest dict to
 the job row); `should_stop` is polled after every optimizer step and turns a shutdown signal,
@@ -15,8 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import random
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,18 +33,42 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import read_only, transaction
-from app.models import Job, ModelKind
-from app.services import jobs, model_registry, training_data
+from app.errors import DomainError
+from app.models import Job, ModelKind, ModelVersion
+from app.services import chaining, generation, jobs, model_registry, projects, training_data
 from app.settings import Settings
 
 Report = Callable[[dict[str, Any]], None]
 ShouldStop = Callable[[], bool]
 
 RUNNER_PARAMS = {
-    "trigger": "who asked for the job (auto = the every-N-judgments schedule)",
+    "trigger": "who asked for the job (auto = the every-N-judgments schedule, chain = the loop)",
+    "after_job": "the job whose success started this one (the loop's chaining)",
     "fail_after_step": "fault injection: raise after this optimizer step (crash-safety tests)",
 }
-"""Job params the runner reads itself; every other reward param must be a RewardConfig field."""
+"""Params every kind accepts and the runner reads itself (or keeps for the record)."""
+
+REWARD_RUNNER_PARAMS = {
+    "heldout_split": "also train a held-out reward model on a separate part of the prompts",
+    "heldout_fraction": "the held-out model's share of the prompts (default 0.5)",
+}
+GENERATE_RUNNER_PARAMS = {
+    "policy_id": "the policy model version to sample from (default: the packaged SmolLM2)",
+    "prompts": "waiting (default) | all | heldout | a list of prompt ids",
+    "limit": "at most this many prompts",
+    "device": "auto (default: cuda when there is one) | cpu | cuda | cuda:N",
+}
+PPO_RUNNER_PARAMS = {
+    "reward_model_id": "default: the project's newest reward model",
+    "parent_policy_id": "default: the project's newest policy, else the packaged SmolLM2",
+    "heldout_reward_model_id": "default: the reward model's held-out partner, if it has one",
+    "prompts": "all (default) | waiting | heldout | a list of prompt ids",
+    "limit": "at most this many prompts",
+    "device": "auto (default: what accelerate picks) | cpu",
+    "guard": "false: off; true or {patience, min_delta, kl_budget, ema}: on (default: on "
+    "when a held-out reward model is used)",
+}
+DEFAULT_HELDOUT_FRACTION = 0.5
 
 
 class Interrupted(Exception):
@@ -78,8 +111,18 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def artifact_dir(settings: Settings, kind: str, job_id: int) -> Path:
+def artifact_dir(settings: Settings, kind: str, job_id: int | str) -> Path:
     return Path(settings.artifact_dir) / "models" / f"{kind}-{job_id}"
+
+
+def work_dir(settings: Settings, kind: str, job_id: int) -> Path:
+    """Scratch space of a running job (PPO's checkpoints before the best one is kept)."""
+    return Path(settings.artifact_dir) / "work" / f"{kind}-{job_id}"
+
+
+def cache_dir(settings: Settings) -> Path:
+    """Where the packaged SmolLM2 is converted to safetensors, once per artifact directory."""
+    return Path(settings.artifact_dir) / "cache"
 
 
 def run(
@@ -95,17 +138,32 @@ def run(
     Raises `Interrupted` when `should_stop` turned true mid-run, `JobError` for failures a
     retry will not fix, and anything else for failures that might be transient.
     """
-    if job.kind == jobs.REWARD:
-        return run_reward(settings, factory, job, report=report, should_stop=should_stop)
-    if job.kind in (jobs.PPO, jobs.GENERATE):
-        raise JobError(f"{job.kind} jobs are not implemented yet")
-    raise JobError(f"unknown job kind {job.kind!r}")
+    kinds = {jobs.REWARD: run_reward, jobs.GENERATE: run_generate, jobs.PPO: run_ppo}
+    if job.kind not in kinds:
+        raise JobError(f"unknown job kind {job.kind!r}")
+    if job.project_id is None:
+        raise JobError(f"a {job.kind} job needs a project")
+    return kinds[job.kind](settings, factory, job, report=report, should_stop=should_stop)
 
 
-def _check_type(name: str, value: Any, default: Any) -> Any:
-    """Coerce a JSON param to the type of the config field's default, or say what is wrong."""
-    if default is None or value is None:
+# --- params -------------------------------------------------------------------------------------
+
+
+_ANNOTATION_DEFAULTS: dict[str, Any] = {"bool": False, "int": 0, "float": 0.0, "str": ""}
+
+
+def _check_type(name: str, value: Any, default: Any, annotation: str = "") -> Any:
+    """Coerce a JSON param to the type of the config field's default, or say what is wrong.
+
+    A field whose default is None takes its type from its annotation ("float | None").
+    """
+    if value is None:
         return value
+    if default is None:
+        base = annotation.split("|")[0].strip()
+        if base not in _ANNOTATION_DEFAULTS:
+            return value
+        default = _ANNOTATION_DEFAULTS[base]
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise JobError(f"parameter {name!r} must be true or false, not {value!r}")
@@ -123,26 +181,79 @@ def _check_type(name: str, value: Any, default: Any) -> Any:
     return value
 
 
+def config_values(
+    cls: type, params: dict[str, Any], own: Iterable[str], what: str
+) -> dict[str, Any]:
+    """The params that are fields of the config dataclass `cls`, type-checked.
+
+    Names that are neither its fields, nor `own` (read by the runner), nor RUNNER_PARAMS
+    fail the job up front: a typo must not silently train with a default.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields) - set(own) - set(RUNNER_PARAMS))
+    if unknown:
+        known = sorted({*fields, *own})
+        raise JobError(
+            f"unknown {what} parameter(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        )
+    return {
+        name: _check_type(name, params[name], fields[name].default, str(fields[name].type))
+        for name in fields
+        if name in params
+    }
+
+
+def _build(cls: type, values: dict[str, Any], what: str) -> Any:
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise JobError(f"invalid {what} parameters: {exc}") from exc
+
+
 def reward_config(params: dict[str, Any], settings: Settings) -> Any:
     """A `RewardConfig` from job params: unknown names and wrong types fail the job up front."""
     from worker.reward import RewardConfig
 
-    fields = {f.name: f for f in dataclasses.fields(RewardConfig)}
-    unknown = sorted(set(params) - set(fields) - set(RUNNER_PARAMS))
-    if unknown:
+    values = config_values(RewardConfig, params, REWARD_RUNNER_PARAMS, "reward")
+    values.setdefault("cache_dir", str(cache_dir(settings)))
+    return _build(RewardConfig, values, "reward")
+
+
+def _int_param(params: dict[str, Any], name: str, *, minimum: int = 1) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise JobError(
-            f"unknown reward parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+            f"parameter {name!r} must be an integer of at least {minimum}, not {value!r}"
         )
-    values = {
-        name: _check_type(name, params[name], fields[name].default)
-        for name in fields
-        if name in params
-    }
-    values.setdefault("cache_dir", str(Path(settings.artifact_dir) / "cache"))
+    return value
+
+
+def _device(params: dict[str, Any], cuda_available: bool) -> str:
+    """The `device` param: "auto" (the default) is cuda when there is one, else cpu."""
+    value = params.get("device", "auto")
+    if not isinstance(value, str) or not (
+        value in ("auto", "cpu", "cuda") or value.startswith("cuda:")
+    ):
+        raise JobError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, not {value!r}")
+    if value == "auto":
+        return "cuda" if cuda_available else "cpu"
+    return value
+
+
+def _selection(params: dict[str, Any], default: str) -> generation.Selection:
     try:
-        return RewardConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise JobError(f"invalid reward parameters: {exc}") from exc
+        return generation.parse_selection(params.get("prompts", default))
+    except DomainError as exc:
+        raise JobError(str(exc)) from exc
+
+
+def _describe(selection: generation.Selection) -> str:
+    return selection if isinstance(selection, str) else f"{len(selection)} listed prompt ids"
+
+
+# --- reward -------------------------------------------------------------------------------------
 
 
 def load_groups(
@@ -160,13 +271,83 @@ def load_groups(
         groups = [PreferenceGroup(**{**row, "prompt_id": str(row["prompt_id"])}) for row in rows]
     except ValueError as exc:
         raise JobError(f"a judgment cannot be used for training: {exc}") from exc
-    data = {
+    return groups, _data_record(project_id, cutoff, groups)
+
+
+def _data_record(project_id: int, cutoff: int, groups: list[Any]) -> dict[str, Any]:
+    return {
         "project_id": project_id,
         "max_judgment_id": cutoff,
         "judgments": len(groups),
         "prompts": len({g.prompt_id for g in groups}),
     }
-    return groups, data
+
+
+def _has_preference(groups: list[Any]) -> bool:
+    return any(len(g.ranking) > 1 for g in groups)
+
+
+@dataclass(frozen=True)
+class RewardPart:
+    """One reward model a reward job trains: the main one, or its held-out partner."""
+
+    role: str  # "main" | "heldout"
+    groups: list[Any]
+    data: dict[str, Any]
+    out_dir: Path
+    untrained_prompts: list[int]  # judged prompts it never trained on (eval split, other half)
+
+
+def _reward_parts(
+    groups: list[Any], data: dict[str, Any], config: Any, params: dict[str, Any], out_dir: Path
+) -> list[RewardPart]:
+    """The main model's data, plus the held-out partner's with `heldout_split`.
+
+    The split is by prompt and seeded (worker.reward.split_by_prompt), so the two models never
+    see the same prompt: the partner's scores of a PPO rollout are an independent opinion,
+    which is what lets the over-optimisation guard notice the main model being gamed.
+    """
+    from worker.reward import split_by_prompt
+
+    split = params.get("heldout_split", False)
+    if not isinstance(split, bool):
+        raise JobError(f"parameter 'heldout_split' must be true or false, not {split!r}")
+    fraction = _check_type(
+        "heldout_fraction", params.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION), 0.0
+    )
+    if not 0.0 < fraction < 1.0:
+        raise JobError(f"parameter 'heldout_fraction' must be between 0 and 1, not {fraction}")
+
+    def untrained(own: list[Any], others: list[Any]) -> list[int]:
+        # The same call train_reward makes to hold out its evaluation prompts.
+        _, evaluation = split_by_prompt(own, config.eval_fraction, config.seed)
+        return sorted({int(g.prompt_id) for g in (*evaluation, *others)})
+
+    if not split:
+        return [RewardPart("main", groups, data, out_dir, untrained(groups, []))]
+    main, partner = split_by_prompt(groups, fraction, config.seed)
+    if not (_has_preference(main) and _has_preference(partner)):
+        raise JobError(
+            "too few judged prompts to train two reward models on separate prompts "
+            f"({data['prompts']} prompts); train without heldout_split"
+        )
+    cutoff = data["max_judgment_id"]
+    return [
+        RewardPart(
+            "main",
+            main,
+            {**_data_record(data["project_id"], cutoff, main), "split": 1 - fraction},
+            out_dir,
+            untrained(main, partner),
+        ),
+        RewardPart(
+            "heldout",
+            partner,
+            {**_data_record(data["project_id"], cutoff, partner), "split": fraction},
+            out_dir.with_name(f"{out_dir.name}-heldout"),
+            untrained(partner, main),
+        ),
+    ]
 
 
 def run_reward(
@@ -177,28 +358,324 @@ def run_reward(
     report: Report,
     should_stop: ShouldStop,
 ) -> dict[str, Any]:
-    """Train a reward model on the project's judgments and register it as a model version."""
+    """Train a reward model on the project's judgments and register it as a model version;
+    with `heldout_split`, a held-out partner too (registered with role "heldout")."""
     from worker.reward import train_reward
 
-    if job.project_id is None:
-        raise JobError("a reward job needs a project")
+    assert job.project_id is not None
     config = reward_config(job.params, settings)
     fail_after = job.params.get("fail_after_step")
     groups, data = load_groups(factory, job.project_id)
-    if not any(len(g.ranking) > 1 for g in groups):
+    if not _has_preference(groups):
         raise JobError(f"project {job.project_id} has no judgments with a preference to train on")
-    report({"stage": "training", "data": data})
+    parts = _reward_parts(
+        groups, data, config, job.params, artifact_dir(settings, "reward", job.id)
+    )
+    for part in parts:
+        if part.out_dir.exists():
+            # Left by an attempt that died between saving and registering: never registered
+            # (registration and success commit together), so nothing points at it.
+            shutil.rmtree(part.out_dir)
 
-    out_dir = artifact_dir(settings, "reward", job.id)
-    if out_dir.exists():
-        # Left by an attempt that died between saving and registering: never registered
-        # (registration and success commit together), so nothing points at it.
-        shutil.rmtree(out_dir)
+    last: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
+    try:
+        for part in parts:
+            extra = {"data": part.data, "model": part.role}
+            report({"stage": "training", **extra})
 
+            def on_progress(progress: dict[str, Any], extra: dict[str, Any] = extra) -> None:
+                last.update(json_safe({**progress, "stage": "training", **extra}))
+                report(dict(last))
+                if isinstance(fail_after, int) and progress["step"] >= fail_after:
+                    raise RuntimeError(
+                        f"injected failure after step {progress['step']} (fail_after_step)"
+                    )
+                if should_stop():
+                    raise Interrupted(
+                        f"stopped after step {progress['step']} of {progress['total_steps']}"
+                    )
+
+            try:
+                metrics = train_reward(config, part.groups, part.out_dir, on_progress=on_progress)
+            except ValueError as exc:  # the trainer's verdict on the data or config
+                raise JobError(str(exc)) from exc
+            results.append(json_safe({**metrics, "data": part.data}))
+
+        report({"stage": "registering"})
+        with transaction(factory) as session:
+            models: list[ModelVersion] = []
+            for part, metrics in zip(parts, results, strict=True):
+                role = {"role": "heldout", "pair_of": models[0].id} if models else {}
+                models.append(
+                    model_registry.register(
+                        session,
+                        kind=ModelKind.reward,
+                        artifact_path=part.out_dir,
+                        project_id=job.project_id,
+                        job_id=job.id,
+                        config=json_safe(
+                            {
+                                **dataclasses.asdict(config),
+                                "data": part.data,
+                                "heldout_prompt_ids": part.untrained_prompts,
+                                **role,
+                            }
+                        ),
+                        metrics=metrics,
+                    )
+                )
+            final = {**results[0], "model_version_id": models[0].id}
+            if len(models) > 1:
+                heldout = results[1]
+                final["heldout_model"] = {
+                    "model_version_id": models[1].id,
+                    "eval": heldout.get("eval", {}),
+                    "data": heldout["data"],
+                }
+                final["heldout_model_version_id"] = models[1].id
+            chained = chaining.after_success(
+                session,
+                kind=jobs.REWARD,
+                project_id=job.project_id,
+                model_version_id=models[0].id,
+                job_id=job.id,
+            )
+            if chained is not None:
+                final["next_job_id"] = chained.id
+            jobs.finish(
+                session,
+                job.id,
+                final,
+                worker_id=job.worker_id,
+                progress={**last, "stage": "done", "eta_s": 0.0},
+            )
+    except BaseException:
+        for part in parts:
+            shutil.rmtree(part.out_dir, ignore_errors=True)
+        raise
+    return final
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def run_generate(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    job: JobSpec,
+    *,
+    report: Report,
+    should_stop: ShouldStop,
+) -> dict[str, Any]:
+    """Sample completions from a policy for the selected prompts, store the new ones and
+    create their labeling tasks (app.services.generation), and finish the job — the last
+    two in one transaction, so a retried job never stores twice."""
+    import torch
+
+    from worker.generate import GenerateConfig, load_policy, sample_completions
+
+    assert job.project_id is not None
+    values = config_values(GenerateConfig, job.params, GENERATE_RUNNER_PARAMS, "generate")
+    policy_id = _int_param(job.params, "policy_id")
+    limit = _int_param(job.params, "limit")
+    selection = _selection(job.params, generation.WAITING)
+    with transaction(factory) as session:
+        read_only(session)
+        project = projects.get(session, job.project_id)
+        values.setdefault("n", project.candidates_per_task)
+        values.setdefault("seed", job.id)  # reproducible from the job record, new per job
+        policy = generation.policy(session, policy_id) if policy_id is not None else None
+        reward_model = None
+        if policy is not None and policy.reward_model_id is not None:
+            reward_model = session.get(ModelVersion, policy.reward_model_id)
+        if reward_model is None:
+            reward_model = chaining.main_reward_model(session, job.project_id)
+        prompts = generation.select_prompts(
+            session, job.project_id, selection, limit=limit, reward_model=reward_model
+        )
+    config = _build(GenerateConfig, values, "generate")
+    if not prompts:
+        raise JobError(f"no prompts to generate for (prompts={_describe(selection)})")
+    source = generation.source_for(policy_id)
+    parent_source = None
+    if policy is not None:
+        parent_source = generation.source_for(policy.parent_id)
+
+    report({"stage": "loading", "step": 0, "total_steps": len(prompts)})
+    device = _device(job.params, torch.cuda.is_available())
+    model, tokenizer = load_policy(
+        policy.path if policy else None, cache_dir(settings), device=device
+    )
+    start = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    def on_progress(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        last.update(
+            {
+                "stage": "generating",
+                "step": done // config.n,  # samples are generated prompt by prompt
+                "total_steps": len(prompts),
+                "samples_done": done,
+                "samples_total": total,
+                "eta_s": elapsed / done * (total - done) if done else None,
+            }
+        )
+        report(dict(last))
+        if should_stop():
+            raise Interrupted(f"stopped after {done} of {total} samples")
+
+    result = sample_completions(
+        model, tokenizer, [p.prompt for p in prompts], config, on_progress=on_progress
+    )
+    samples = {p.id: texts for p, texts in zip(prompts, result.completions, strict=True)}
+    report({"stage": "storing"})
+    metadata = {
+        "job_id": job.id,
+        "seed": config.seed,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "max_new_tokens": config.max_new_tokens,
+    }
+    with transaction(factory) as session:
+        stored = generation.store(
+            session,
+            job.project_id,
+            samples,
+            source=source,
+            model_version_id=policy_id,
+            metadata=metadata,
+            rng=random.Random(config.seed),
+            max_pairs=settings.max_pairs_per_prompt,
+            parent_source=parent_source,
+        )
+        metrics = {
+            "policy_id": policy_id,
+            "source": source,
+            "prompts": len(prompts),
+            "selection": _describe(selection),
+            "samples": len(prompts) * config.n,
+            "completions_stored": stored.completions_stored,
+            "duplicates_dropped": result.dropped_duplicates + stored.existing_duplicates,
+            "sampled_duplicates": result.dropped_duplicates,
+            "existing_duplicates": stored.existing_duplicates,
+            "empty_dropped": result.dropped_empty,
+            "missing_eos": result.missing_eos,
+            "tasks_created": stored.tasks_created,
+            "generate_time_s": time.perf_counter() - start,
+            "config": dataclasses.asdict(config),
+        }
+        jobs.finish(
+            session,
+            job.id,
+            json_safe(metrics),
+            worker_id=job.worker_id,
+            progress={**last, "stage": "done", "step": len(prompts), "eta_s": 0.0},
+        )
+    return metrics
+
+
+# --- ppo ----------------------------------------------------------------------------------------
+
+
+def guard_config(params: dict[str, Any], has_heldout: bool) -> Any:
+    """The over-optimisation guard's config, or None for no guard.
+
+    `guard: false` turns it off; `true` or a dict of GuardConfig fields turns it on; left
+    out, it is on exactly when a held-out reward model scores the rollouts (without one, the
+    "best" step would be the luckiest batch of the training reward).
+    """
+    from worker.guard import GuardConfig
+
+    value = params.get("guard")
+    if value is False or (value is None and not has_heldout):
+        return None
+    if value is None or value is True:
+        return GuardConfig()
+    if not isinstance(value, dict):
+        raise JobError(f"parameter 'guard' must be true, false or an object, not {value!r}")
+    return _build(GuardConfig, config_values(GuardConfig, value, (), "guard"), "guard")
+
+
+def run_ppo(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    job: JobSpec,
+    *,
+    report: Report,
+    should_stop: ShouldStop,
+) -> dict[str, Any]:
+    """Optimise a policy against a reward model with PPO and register the best checkpoint.
+
+    Checkpoints go to a scratch directory; the one the guard calls best (the last step
+    without a guard) is renamed to models/policy-<job id> and registered with its lineage
+    (parent policy, reward model, the reward model's snapshot) in the transaction that
+    finishes the job.
+    """
+    from accelerate import Accelerator
+
+    from worker.generate import DEFAULT_POLICY, load_policy
+    from worker.guard import OverOptimizationGuard
+    from worker.ppo import PPOConfig, SequenceClassifierReward, train_ppo
+
+    assert job.project_id is not None
+    config = _build(
+        PPOConfig, config_values(PPOConfig, job.params, PPO_RUNNER_PARAMS, "ppo"), "ppo"
+    )
+    fail_after = job.params.get("fail_after_step")
+    selection = _selection(job.params, generation.ALL)
+    limit = _int_param(job.params, "limit")
+    if job.params.get("device", "auto") not in ("auto", "cpu"):
+        raise JobError("parameter 'device' of a ppo job must be auto or cpu (accelerate decides)")
+    on_cpu = job.params.get("device") == "cpu"
+    with transaction(factory) as session:
+        read_only(session)
+        inputs = chaining.ppo_inputs(
+            session,
+            job.project_id,
+            reward_model_id=_int_param(job.params, "reward_model_id"),
+            parent_policy_id=_int_param(job.params, "parent_policy_id"),
+            heldout_reward_model_id=_int_param(job.params, "heldout_reward_model_id"),
+            use_heldout=job.params.get("guard") is not False,
+        )
+        prompts = generation.select_prompts(
+            session,
+            job.project_id,
+            selection,
+            limit=limit,
+            reward_model=session.get(ModelVersion, inputs.reward.id),
+        )
+    guard_cfg = guard_config(job.params, inputs.heldout is not None)
+    if not prompts:
+        raise JobError(f"no prompts to train on (prompts={_describe(selection)})")
+    lineage = {
+        "job_id": job.id,
+        "reward_model_id": inputs.reward.id,
+        "heldout_reward_model_id": inputs.heldout.id if inputs.heldout else None,
+        "parent_id": inputs.parent.id if inputs.parent else None,
+        "snapshot_id": inputs.reward.snapshot_id,
+    }
+
+    scratch, out_dir = work_dir(settings, "ppo", job.id), artifact_dir(settings, "policy", job.id)
+    for leftover in (scratch, out_dir):  # an earlier attempt's, never registered
+        shutil.rmtree(leftover, ignore_errors=True)
+    report({"stage": "loading", **lineage})
+    accelerator = Accelerator(cpu=on_cpu)
+    policy, tokenizer = load_policy(
+        inputs.parent.path if inputs.parent else None, cache_dir(settings), device="cpu"
+    )
+    reward_fn = SequenceClassifierReward.load(inputs.reward.path, accelerator.device)
+    heldout_fn = (
+        SequenceClassifierReward.load(inputs.heldout.path, accelerator.device)
+        if inputs.heldout
+        else None
+    )
     last: dict[str, Any] = {}
 
     def on_progress(progress: dict[str, Any]) -> None:
-        last.update(json_safe({**progress, "stage": "training", "data": data}))
+        last.update(json_safe({**progress, "stage": "training"}))
         report(dict(last))
         if isinstance(fail_after, int) and progress["step"] >= fail_after:
             raise RuntimeError(f"injected failure after step {progress['step']} (fail_after_step)")
@@ -206,30 +683,87 @@ def run_reward(
             raise Interrupted(f"stopped after step {progress['step']} of {progress['total_steps']}")
 
     try:
-        metrics = train_reward(config, groups, out_dir, on_progress=on_progress)
-    except ValueError as exc:  # the trainer's verdict on the data or config
-        raise JobError(str(exc)) from exc
-    metrics = json_safe({**metrics, "data": data})
+        try:
+            result = train_ppo(
+                config,
+                policy,
+                tokenizer,
+                reward_fn,
+                [p.prompt for p in prompts],
+                heldout_reward_fn=heldout_fn,
+                guard=OverOptimizationGuard(guard_cfg) if guard_cfg is not None else None,
+                on_progress=on_progress,
+                accelerator=accelerator,
+                out_dir=scratch,
+                metadata={"lineage": lineage},
+            )
+        except ValueError as exc:  # the trainer's verdict on the prompts or config
+            raise JobError(str(exc)) from exc
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(result["best_checkpoint"], out_dir)  # atomic: the kept checkpoint appears whole
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    history = result["history"]
+    best = next((h for h in history if h["step"] == result["best_step"]), history[-1])
+    metrics = json_safe(
+        {
+            **{k: best[k] for k in ("reward_mean", "heldout_reward_mean", "kl") if k in best},
+            "best_step": result["best_step"],
+            "steps": result["steps"],
+            "total_steps": config.total_steps,
+            "stopped_early": result["stopped_early"],
+            "stop_reason": result["stop_reason"],
+            "train_time_s": result["train_time_s"],
+            "prompts": len(prompts),
+            "selection": _describe(selection),
+            **lineage,
+            "best": best,
+            "final": result["final"],
+            "history": history,
+        }
+    )
     report({"stage": "registering"})
     try:
         with transaction(factory) as session:
             model = model_registry.register(
                 session,
-                kind=ModelKind.reward,
+                kind=ModelKind.policy,
                 artifact_path=out_dir,
                 project_id=job.project_id,
                 job_id=job.id,
-                config=json_safe({**dataclasses.asdict(config), "data": data}),
+                snapshot_id=inputs.reward.snapshot_id,
+                parent_id=inputs.parent.id if inputs.parent else None,
+                reward_model_id=inputs.reward.id,
+                config=json_safe(
+                    {
+                        "ppo": dataclasses.asdict(config),
+                        "guard": dataclasses.asdict(guard_cfg) if guard_cfg else None,
+                        "base": inputs.parent.path if inputs.parent else DEFAULT_POLICY,
+                        "heldout_reward_model_id": lineage["heldout_reward_model_id"],
+                        "prompts": _describe(selection),
+                    }
+                ),
                 metrics=metrics,
             )
+            final = {**metrics, "model_version_id": model.id}
+            chained = chaining.after_success(
+                session,
+                kind=jobs.PPO,
+                project_id=job.project_id,
+                model_version_id=model.id,
+                job_id=job.id,
+            )
+            if chained is not None:
+                final["next_job_id"] = chained.id
             jobs.finish(
                 session,
                 job.id,
-                {**metrics, "model_version_id": model.id},
+                final,
                 worker_id=job.worker_id,
                 progress={**last, "stage": "done", "eta_s": 0.0},
             )
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    return {**metrics, "model_version_id": model.id}
+    return final

@@ -25,8 +25,12 @@ from app.models import Job, JobState, Judgment, ModelKind, ModelVersion, Project
 REWARD = "reward"
 PPO = "ppo"
 GENERATE = "generate"
-KINDS = (REWARD, PPO, GENERATE)
-"""Job kinds the queue accepts; the worker's runner knows how to run each (or says it cannot)."""
+WEBHOOK = "webhook"  # delivered by app.services.webhooks.run_due, not the worker runner
+KINDS = (REWARD, PPO, GENERATE, WEBHOOK)
+"""Job kinds the queue accepts."""
+TRAINING_KINDS = (REWARD, PPO, GENERATE)
+"""What the training worker's runner claims; webhook deliveries go through webhooks.run_due,
+which honours their back-off times."""
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
 FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.cancelled)
@@ -269,6 +273,16 @@ def fail(
     else:
         _move(job, JobState.failed)
         job.finished_at = now or datetime.now(UTC)
+        if job.kind != WEBHOOK and job.project_id is not None:
+            # Deferred import: webhooks queues its deliveries through this module.
+            from app.services import webhooks
+
+            webhooks.emit(
+                session,
+                job.project_id,
+                "job.failed",
+                {"job_id": job.id, "kind": job.kind, "error": job.error},
+            )
     session.flush()
     return job
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import DomainError, InvalidInput, NotFound
 from app.models import ModelKind, ModelVersion
+from app.services import webhooks
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCORE_TIMEOUT_S = 120.0
@@ -76,6 +77,19 @@ def register(
     )
     session.add(model)
     session.flush()
+    if project_id is not None:
+        webhooks.emit(
+            session,
+            project_id,
+            "model.ready",
+            {
+                "model_id": model.id,
+                "kind": kind.value,
+                "parent_id": parent_id,
+                "reward_model_id": reward_model_id,
+                "snapshot_id": snapshot_id,
+            },
+        )
     return model
 
 

@@ -123,3 +123,19 @@ def preference_groups(
             if group is not None:
                 yield group
         last_id = rows[-1][0].id
+
+
+def judged_prompt_ids(
+    session: Session, project_id: int, *, max_judgment_id: int | None = None
+) -> set[int]:
+    """Prompts with at least one judgment (up to `max_judgment_id`): what a reward model
+    trained with that cut-off can have seen."""
+    stmt = (
+        select(Task.prompt_id)
+        .join(Judgment, Judgment.task_id == Task.id)
+        .where(Judgment.project_id == project_id)
+        .distinct()
+    )
+    if max_judgment_id is not None:
+        stmt = stmt.where(Judgment.id <= max_judgment_id)
+    return {int(pid) for pid in session.scalars(stmt)}

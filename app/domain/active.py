@@ -1,0 +1,146 @@
+"""Active learning: which tasks are worth a person's time, as pure ordering functions.
+
+These have the shape of `app.domain.assignment.Strategy` once their model predictions are bound
+(``lambda batch, rng: uncertainty_order(batch, predicted, rng, share)``; a ``functools.partial``
+with keywords would not do, since strategies are called positionally), so the claim code can
+swap them for `default_order` without other changes.
+
+A prediction is the current reward model's probability that the task's first candidate is
+preferred: ``sigmoid(score_a - score_b)`` (see `preference_probability`).
+
+- uncertainty: tasks the model is least sure about (p closest to 0.5) first;
+- disagreement: tasks where the main and the held-out reward model disagree most first;
+- both mix in a share of uniformly random picks, so the labels are not only the hard cases
+  (a dataset made only of the model's blind spots would bias its own accuracy estimates);
+- tasks without a prediction (new candidates not yet scored) go after the scored ones, but the
+  random picks can still reach them, so nothing starves.
+
+Per-project settings (read by the claim code, documented here):
+``project.settings["assignment_strategy"]`` in ``{"default", "uncertainty", "disagreement"}``
+and ``project.settings["random_share"]`` in ``[0, 1]`` (default `DEFAULT_RANDOM_SHARE`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+from app.domain.assignment import Candidate
+
+STRATEGY_SETTING = "assignment_strategy"
+RANDOM_SHARE_SETTING = "random_share"
+DEFAULT_RANDOM_SHARE = 0.2
+
+
+class AssignmentStrategy(StrEnum):
+    """The per-project choice of how eligible tasks are ordered."""
+
+    default = "default"
+    """Partly judged first, then priority, then random (`assignment.default_order`)."""
+    uncertainty = "uncertainty"
+    """Closest to p = 0.5 under the current reward model first (`uncertainty_order`)."""
+    disagreement = "disagreement"
+    """Largest |p_main - p_heldout| first (`disagreement_order`)."""
+
+
+def preference_probability(score_a: float, score_b: float) -> float:
+    """Bradley–Terry: P(a preferred over b) = sigmoid(score_a - score_b), overflow-safe."""
+    margin = score_a - score_b
+    if margin >= 0:
+        return 1.0 / (1.0 + math.exp(-margin))
+    e = math.exp(margin)
+    return e / (1.0 + e)
+
+
+def strategy_settings(settings: Mapping[str, Any] | None) -> tuple[AssignmentStrategy, float]:
+    """The strategy and random share a project asks for; unknown or bad values fall back to the
+    defaults, since a typo in a settings blob must not stop labeling."""
+    settings = settings or {}
+    try:
+        strategy = AssignmentStrategy(settings.get(STRATEGY_SETTING, "default"))
+    except ValueError:
+        strategy = AssignmentStrategy.default
+    share = settings.get(RANDOM_SHARE_SETTING, DEFAULT_RANDOM_SHARE)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        share = DEFAULT_RANDOM_SHARE
+    return strategy, float(share)
+
+
+def _check_share(random_share: float) -> None:
+    if not 0.0 <= random_share <= 1.0:
+        raise ValueError(f"random_share must be in [0, 1], got {random_share}")
+
+
+def is_random_slot(position: int, random_share: float) -> bool:
+    """Whether output position `position` (0-based) is a uniformly random pick.
+
+    Deterministic and evenly spread: exactly floor(n * share) of the first n positions are
+    random, so a batch of 10 with share 0.2 has two random picks, wherever it is cut.
+    """
+    return math.floor((position + 1) * random_share + 1e-9) > math.floor(
+        position * random_share + 1e-9
+    )
+
+
+def mix_random(
+    ranked: Sequence[Candidate], rng: random.Random, random_share: float
+) -> list[Candidate]:
+    """Interleave `ranked` (most wanted first) with uniformly random picks from what is left."""
+    _check_share(random_share)
+    left = list(ranked)  # not yet placed, still most wanted first
+    out: list[Candidate] = []
+    for position in range(len(left)):
+        index = rng.randrange(len(left)) if is_random_slot(position, random_share) else 0
+        out.append(left.pop(index))
+    return out
+
+
+def _tiebreak(candidates: Sequence[Candidate], rng: random.Random) -> dict[int, float]:
+    """One random key per task, drawn in input order, so equal scores do not favour low ids."""
+    return {id(c): rng.random() for c in candidates}
+
+
+def uncertainty_order(
+    candidates: Sequence[Candidate],
+    predicted: Mapping[int, float],
+    rng: random.Random,
+    random_share: float = DEFAULT_RANDOM_SHARE,
+) -> list[Candidate]:
+    """Most uncertain first (|p - 0.5| smallest), unscored tasks last in random order, with a
+    `random_share` of uniformly random picks interleaved."""
+    _check_share(random_share)
+    ties = _tiebreak(candidates, rng)
+    scored = [c for c in candidates if c.task_id in predicted]
+    unscored = [c for c in candidates if c.task_id not in predicted]
+    scored.sort(key=lambda c: (abs(predicted[c.task_id] - 0.5), ties[id(c)]))
+    unscored.sort(key=lambda c: ties[id(c)])
+    return mix_random([*scored, *unscored], rng, random_share)
+
+
+def disagreement_order(
+    candidates: Sequence[Candidate],
+    main: Mapping[int, float],
+    heldout: Mapping[int, float],
+    rng: random.Random,
+    random_share: float = DEFAULT_RANDOM_SHARE,
+) -> list[Candidate]:
+    """Largest |p_main - p_heldout| first, ties by the main model's uncertainty; tasks only the
+    main model scored come next (by uncertainty), unscored last; plus the random share."""
+    _check_share(random_share)
+    ties = _tiebreak(candidates, rng)
+    both = [c for c in candidates if c.task_id in main and c.task_id in heldout]
+    main_only = [c for c in candidates if c.task_id in main and c.task_id not in heldout]
+    neither = [c for c in candidates if c.task_id not in main]
+    both.sort(
+        key=lambda c: (
+            -abs(main[c.task_id] - heldout[c.task_id]),
+            abs(main[c.task_id] - 0.5),
+            ties[id(c)],
+        )
+    )
+    main_only.sort(key=lambda c: (abs(main[c.task_id] - 0.5), ties[id(c)]))
+    neither.sort(key=lambda c: ties[id(c)])
+    return mix_random([*both, *main_only, *neither], rng, random_share)

@@ -1,0 +1,53 @@
+"""The RLHF loop's settings: retrain every N judgments, PPO after reward, generate after PPO."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.deps import AdminUser, Db
+from app.services import chaining
+
+router = APIRouter(tags=["loop"])
+
+
+class LoopSettings(BaseModel):
+    """The project's loop settings (every field, defaults filled in)."""
+
+    reward_every_n_judgments: int | None = Field(
+        description="queue a reward job after this many new judgments; null: never"
+    )
+    ppo_after_reward: bool = Field(description="a new reward model starts a PPO job")
+    generate_after_policy: bool = Field(description="a new policy starts a generate job")
+    reward_params: dict[str, Any] = Field(description="params of scheduled reward jobs")
+    ppo_params: dict[str, Any] = Field(description="params of chained PPO jobs")
+    generate_params: dict[str, Any] = Field(
+        description="params of chained generate jobs (prompts default to heldout)"
+    )
+
+
+class LoopUpdate(BaseModel):
+    """The settings to change; fields left out keep their value, null turns N off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reward_every_n_judgments: int | None = Field(default=None, ge=1)
+    ppo_after_reward: bool | None = None
+    generate_after_policy: bool | None = None
+    reward_params: dict[str, Any] | None = None
+    ppo_params: dict[str, Any] | None = None
+    generate_params: dict[str, Any] | None = None
+
+
+@router.get("/api/v1/projects/{project_id}/loop")
+def get_loop(project_id: int, db: Db, user: AdminUser) -> LoopSettings:
+    return LoopSettings.model_validate(chaining.get_loop(db, project_id))
+
+
+@router.put("/api/v1/projects/{project_id}/loop")
+def put_loop(project_id: int, body: LoopUpdate, db: Db, user: AdminUser) -> LoopSettings:
+    """Change the fields sent; answers with every setting."""
+    changes = body.model_dump(exclude_unset=True)
+    return LoopSettings.model_validate(chaining.update_loop(db, project_id, changes))
