@@ -165,24 +165,130 @@ def import_prompts(
     console.print(result.summary())
 
 
+# --- datasets: export, snapshot, import-preferences -----------------------------------------
+
+SinceOpt = Annotated[str | None, typer.Option(help="judged at or after (ISO date/datetime, UTC)")]
+UntilOpt = Annotated[
+    str | None, typer.Option(help="judged before (a bare date includes that whole day)")
+]
+AnnotatorOpt = Annotated[
+    list[str] | None, typer.Option("--annotator", help="only this annotator; repeat for several")
+]
+ExcludeOpt = Annotated[
+    list[str] | None, typer.Option("--exclude-annotator", help="leave out; repeat for several")
+]
+AgreementOpt = Annotated[
+    float | None, typer.Option(help="only tasks whose judgments agree at least this much (0-1)")
+]
+GoldOpt = Annotated[
+    float | None, typer.Option(help="only annotators at least this accurate on gold items (0-1)")
+]
+PausedOpt = Annotated[bool, typer.Option(help="leave out paused annotators")]
+MetaOpt = Annotated[
+    list[str] | None, typer.Option("--meta", help="prompt metadata key=value; repeatable")
+]
+
+
+def _filters(
+    since: str | None,
+    until: str | None,
+    annotator: list[str] | None,
+    exclude_annotator: list[str] | None,
+    min_agreement: float | None,
+    min_gold_accuracy: float | None,
+    exclude_paused: bool,
+    meta: list[str] | None,
+) -> dict[str, object]:
+    """The export filters the options name (unset ones left out)."""
+    given = {
+        "since": since,
+        "until": until,
+        "annotator": annotator,
+        "exclude_annotator": exclude_annotator,
+        "min_agreement": min_agreement,
+        "min_gold_accuracy": min_gold_accuracy,
+        "exclude_paused": exclude_paused or None,
+        "meta": meta,
+    }
+    return {key: value for key, value in given.items() if value}
+
+
 @cli.command("export")
 def export_rows(
     project: str,
     shape: Annotated[str, typer.Option(help="pairs, rankings or raw")] = "pairs",
-    fmt: Annotated[str, typer.Option("--format", help="jsonl, csv or parquet")] = "jsonl",
+    fmt: Annotated[
+        str, typer.Option("--format", help="jsonl, csv, parquet or hf (a directory)")
+    ] = "jsonl",
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="file (default stdout)")
+        Path | None,
+        typer.Option("-o", "--output", help="file (default stdout); for hf, the directory"),
     ] = None,
+    ties: Annotated[bool, typer.Option(help="pairs: keep tied pairs, flagged `tie`")] = False,
+    snapshot: Annotated[
+        int | None, typer.Option(help="export this snapshot of PROJECT (its filters are fixed)")
+    ] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    annotator: AnnotatorOpt = None,
+    exclude_annotator: ExcludeOpt = None,
+    min_agreement: AgreementOpt = None,
+    min_gold_accuracy: GoldOpt = None,
+    exclude_paused: PausedOpt = False,
+    meta: MetaOpt = None,
 ) -> None:
     """Export PROJECT's judgments (streamed, constant memory)."""
-    from app.services import export, projects
+    from app.errors import InvalidInput
+    from app.services import export, projects, snapshots
 
     settings = Settings()
     factory = _sessions(settings)
+    filters = _filters(
+        since,
+        until,
+        annotator,
+        exclude_annotator,
+        min_agreement,
+        min_gold_accuracy,
+        exclude_paused,
+        meta,
+    )
     try:
         with transaction(factory) as session:
             proj_id = projects.resolve(session, project).id
-        chunks = export.stream(factory, proj_id, shape=shape, fmt=fmt, filters={})
+            selection = None
+            if snapshot is not None:
+                frozen = snapshots.get(session, snapshot)
+                if frozen.project_id != proj_id:
+                    raise InvalidInput(
+                        f"snapshot {snapshot} belongs to project {frozen.project_id}"
+                    )
+                if filters:
+                    raise InvalidInput(
+                        "a snapshot's filters are fixed; leave the filter options out"
+                    )
+                selection = snapshots.selection(frozen)
+            elif fmt != "hf":
+                selection = export.resolve(session, proj_id, export.parse_filters(filters))
+        if fmt == "hf":
+            if output is None:
+                raise InvalidInput("--format hf writes a directory: name it with -o DIR")
+            count = export.save_to_disk(
+                factory,
+                proj_id,
+                output,
+                shape=shape,
+                filters=filters,
+                selection=selection,
+                ties=ties,
+            )
+            err_console.print(f"wrote {count} rows to {output}/ (datasets.load_from_disk opens it)")
+            return
+        assert selection is not None
+        name = export.filename(proj_id, shape, fmt)
+        chunks = export.stream_selection(
+            factory, proj_id, selection, shape=shape, fmt=fmt, name=name, ties=ties
+        )
         out = output.open("wb") if output else sys.stdout.buffer
         try:
             for chunk in chunks:
@@ -192,6 +298,70 @@ def export_rows(
                 out.close()
     except DomainError as exc:
         _fail(exc)
+
+
+@cli.command("snapshot")
+def snapshot_create(
+    project: str,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    annotator: AnnotatorOpt = None,
+    exclude_annotator: ExcludeOpt = None,
+    min_agreement: AgreementOpt = None,
+    min_gold_accuracy: GoldOpt = None,
+    exclude_paused: PausedOpt = False,
+    meta: MetaOpt = None,
+) -> None:
+    """Freeze PROJECT's judgments (filtered) into an immutable snapshot; prints its id."""
+    from app.services import projects, snapshots
+
+    filters = _filters(
+        since,
+        until,
+        annotator,
+        exclude_annotator,
+        min_agreement,
+        min_gold_accuracy,
+        exclude_paused,
+        meta,
+    )
+    try:
+        with transaction(_sessions(Settings())) as session:
+            proj_id = projects.resolve(session, project).id
+            info = snapshots.describe(snapshots.create(session, proj_id, filters, created_by=None))
+    except DomainError as exc:
+        _fail(exc)
+    console.print(
+        f"snapshot [bold]{info['id']}[/bold]: {info['row_count']} pairs, judgments up to id "
+        f"{info['max_judgment_id']}, sha256 {info['sha256']}"
+    )
+
+
+@cli.command("import-preferences")
+def import_preferences(
+    project: str,
+    file: Path,
+    annotator: Annotated[str, typer.Option(help="the external annotator's username")],
+) -> None:
+    """Import prompt/chosen/rejected rows (JSONL or Parquet, e.g. HH-RLHF) into PROJECT as
+    judgments of ANNOTATOR (created without a password if missing), all or nothing."""
+    from app.services import preference_import, projects
+
+    settings = Settings()
+    try:
+        with transaction(_sessions(settings)) as session:
+            proj = projects.resolve(session, project)
+            result = preference_import.import_file(
+                session,
+                proj.id,
+                file.name,
+                file.read_bytes(),
+                annotator=annotator,
+                settings=settings,
+            )
+    except DomainError as exc:
+        _fail(exc)
+    console.print(result.summary())
 
 
 # --- jobs and models: worker, train, models, score ------------------------------------------

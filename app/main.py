@@ -13,7 +13,22 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import make_engine, make_sessionmaker
 from app.errors import DomainError, NotAuthenticated
-from app.routes import api_tokens, auth, export, jobs, labeling, models, ops, projects, users
+from app.routes import (
+    admin,
+    api_tokens,
+    auth,
+    export,
+    jobs,
+    labeling,
+    loop,
+    models,
+    ops,
+    projects,
+    quality,
+    snapshots,
+    users,
+    webhooks,
+)
 from app.settings import Settings
 from app.web import make_templates, render
 
@@ -77,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (ops, auth, api_tokens, projects, labeling, export, jobs, models, users):
+    routers = (ops, auth, api_tokens, projects, labeling, export, jobs, models, users, admin)
+    for module in (*routers, quality, snapshots, loop, webhooks):
         app.include_router(module.router)
     return app

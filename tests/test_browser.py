@@ -1,4 +1,5 @@
-"""A real browser labels three pairs with the keyboard only, against the real app on Postgres.
+"""A real browser labels three pairs with the keyboard only, against the real app on Postgres;
+each submit swaps the next task in without a page load.
 
 Chromium comes from Debian (`apt-get install chromium`) and is launched by path, because
 Playwright's own browser download cannot work on these machines.
@@ -34,6 +35,10 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 BOLD = "<b>bold</b> claims & more"
+SWAPPED = """(previous) => {
+  const field = document.querySelector("input[name=task_id]");
+  return !field || field.value !== previous;
+}"""
 COMPLETIONS = [
     [BOLD, "A plain, careful answer."],
     ["def f(x):\n    return x  # indented", "Second prompt, second answer."],
@@ -89,6 +94,7 @@ def test_label_three_pairs_with_the_keyboard(seeded):
             with page.expect_response(lambda r: r.url.endswith("/heartbeat")) as beat:
                 pass  # label.js beats every second here; the CSRF header must be accepted
             assert beat.value.status == 200
+            page.evaluate("window.__samePage = 1")
 
             saw_bold = False
             for key in keys:
@@ -101,10 +107,12 @@ def test_label_three_pairs_with_the_keyboard(seeded):
                 checked = page.locator("input[name=choice]:checked")
                 assert checked.get_attribute("value") == str(order[0 if key == "1" else 1])
                 expected.append((order[0 if key == "1" else 1], order))
-                with page.expect_navigation():
-                    page.keyboard.press("Enter")
+                task_id = page.input_value("input[name=task_id]")
+                page.keyboard.press("Enter")  # posted by fetch; the next task is swapped in
+                page.wait_for_function(SWAPPED, arg=task_id)
 
             assert saw_bold
+            assert page.evaluate("window.__samePage") == 1  # never a full page load
             assert "All done" in page.inner_text("#all-done")
             assert "judged 3 tasks" in page.inner_text("#progress-line")
             browser.close()

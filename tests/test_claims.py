@@ -467,3 +467,28 @@ def test_many_annotators_at_once_never_over_assign(
         assert s.scalar(select(func.count()).select_from(Completion)) == 2 * n_tasks
     assert sum(judged_by.values()) == n_tasks * required
     assert sum(1 for n in judged_by.values() if n) > 1  # the work really was spread out
+
+
+# --- the candidate window ----------------------------------------------------------------
+
+
+def test_claim_looks_past_windows_that_hold_nothing_for_this_user(db, monkeypatch):
+    """The eligibility check runs on a window of open tasks; a window full of tasks this user
+    already judged must not hide the eligible ones behind it."""
+    monkeypatch.setattr(tasks, "CANDIDATE_WINDOW", 2)
+    project = make_project(db, judgments_per_task=2)
+    made = [
+        make_task(db, project, make_prompt(db, project, [f"a{i}", f"b{i}"]), priority=6 - i)
+        for i in range(6)
+    ]
+    user, other = make_user(db), make_user(db)
+    for task in made[:4]:  # partly judged, so they head the order, but judged by this user
+        judgments.record(db, task.id, user, choice="tie", now=T0)
+    got = claim(db, project, user, at=1)
+    assert got.task.id == made[4].id  # the third window; the higher priority of the two left
+    assert claim(db, project, other, at=1).task.id in {t.id for t in made[:4]}
+    judgments.record(db, got.task.id, user, choice="tie", now=secs(2))
+    assert claim(db, project, user, at=3).task.id == made[5].id
+    judgments.record(db, made[5].id, user, choice="tie", now=secs(4))
+    with pytest.raises(NoTaskLeft):  # every window read, nothing left for this user
+        claim(db, project, user, at=5)

@@ -70,7 +70,9 @@ def collect(
 
 
 def jsonl(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+    """JSON Lines split on newlines only (str.splitlines would also split at U+2028 and
+    other separators that JSON leaves unescaped inside strings)."""
+    return [json.loads(line) for line in data.decode("utf-8").split("\n") if line]
 
 
 @pytest.fixture
@@ -111,6 +113,8 @@ def test_pairs_row_for_a_win(
             "prompt_messages": None,
             "chosen": "héllo — ünïcode",
             "rejected": "Hello <b>there</b>",
+            "margin": 3,
+            "tie": False,
             "prompt_id": "win",
             "chosen_id": b,
             "rejected_id": a,
@@ -153,12 +157,24 @@ def test_ranking_with_a_tie_group_gives_all_strict_pairs(
         for r in rows
         if r["chosen_id"] == c2 and r["rejected_id"] == c1
     } == {("c2", "c1")}
+    # No strength given: the margin is the rank distance.
+    assert all(r["margin"] == r["rank_distance"] and r["tie"] is False for r in rows)
 
     (ranked,) = jsonl(collect(session_factory, project.id, "rankings"))
-    assert ranked["completions"] == ["c2", "c0", "c3", "c1"]
-    assert ranked["completion_ids"] == [c2, c0, c3, c1]
-    assert ranked["ranking"] == [[0], [1, 2], [3]]
-    assert ranked["annotator"] == ann.username
+    assert ranked["completions"] == ["c0", "c1", "c2", "c3"]  # the task's order
+    assert ranked["completion_ids"] == [c0, c1, c2, c3]
+    assert ranked["ranking"] == [[2], [0, 3], [1]]  # c2, then c0 = c3, then c1
+    assert ranked["consensus_method"] == "single"
+    assert ranked["agreement"] is None  # one judgment: nothing to agree with
+    assert ranked["judgments"] == [
+        {
+            "judgment_id": ranked["judgments"][0]["judgment_id"],
+            "annotator": ann.username,
+            "ranking": [[2], [0, 3], [1]],
+            "none_acceptable": False,
+            "strength": None,
+        }
+    ]
 
     (raw,) = jsonl(collect(session_factory, project.id, "raw"))
     assert raw["choice"] is None  # not pairwise
@@ -239,6 +255,8 @@ def _csv_rows(data: bytes, shape: str) -> list[dict[str, Any]]:
                 row[name] = cell
             elif kind == "int":
                 row[name] = int(cell)
+            elif kind == "float":
+                row[name] = float(cell)
             elif kind == "choice":
                 row[name] = cell
             else:
@@ -263,8 +281,12 @@ def _choice_as_text(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("shape", export.SHAPES)
-def test_csv_and_parquet_carry_the_same_values_as_jsonl(
-    db: Session, session_factory: sessionmaker[Session], labeled: dict[str, Any], shape: str
+def test_csv_parquet_and_hf_carry_the_same_values_as_jsonl(
+    db: Session,
+    session_factory: sessionmaker[Session],
+    labeled: dict[str, Any],
+    shape: str,
+    tmp_path: Path,
 ) -> None:
     project = labeled["project"]
     chat, a, b = pairwise(
@@ -274,15 +296,43 @@ def test_csv_and_parquet_carry_the_same_values_as_jsonl(
         text=None,
         messages=[{"role": "user", "content": "Hi"}],
     )
-    judge(db, chat, labeled["ann"], [[a], [b]])
+    judge(db, chat, labeled["ann"], [[a], [b]], strength=2)
+    second = make_user(db)
+    judge(db, chat, second, [[b], [a]])  # a second opinion: the rankings row gets an agreement
     expected = jsonl(collect(session_factory, project.id, shape))
-    assert len(expected) == (2 if shape == "pairs" else 4)
+    assert len(expected) == {"pairs": 3, "rankings": 4, "raw": 5}[shape]
+    if shape == "rankings":
+        (chat_row,) = [r for r in expected if r["task_id"] == chat.id]
+        assert chat_row["agreement"] == 0.0 and chat_row["consensus_method"] == "kemeny"
+        assert chat_row["ranking"] == [[0, 1]]  # one each way: the consensus is a tie
     from_csv = _csv_rows(collect(session_factory, project.id, shape, "csv"), shape)
     from_parquet = _parquet_rows(collect(session_factory, project.id, shape, "parquet"), shape)
+    from_hf = _hf_rows(collect(session_factory, project.id, shape, "hf"), shape, tmp_path)
     if shape == "raw":  # CSV and Parquet carry the choice as text (ids and "tie" share a column)
         expected = _choice_as_text(expected)
     assert from_csv == expected
     assert from_parquet == expected
+    assert from_hf == expected
+
+
+def _hf_rows(data: bytes, shape: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Unpack the hf archive and open it with `datasets.load_from_disk`, as a user would."""
+    datasets = pytest.importorskip("datasets")
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+        names = archive.getnames()
+        archive.extractall(tmp_path / "hf", filter="data")
+    top = names[0]
+    assert all(n == top or n.startswith(top + "/") for n in names)
+    ds = datasets.load_from_disk(str(tmp_path / "hf" / top))
+    assert ds.column_names == list(export.COLUMNS[shape])
+    rows = ds.to_list()
+    for row in rows:
+        for name, kind in export.COLUMNS[shape].items():
+            if kind == "json" and row[name] is not None:
+                row[name] = json.loads(row[name])
+    return rows
 
 
 def test_parquet_of_many_rows_is_written_in_row_groups(
@@ -614,3 +664,310 @@ def test_streaming_body_reads_in_its_own_session_after_the_request_commits(
             ]
     finally:
         app.state.engine.dispose()
+
+
+# --- issue 4: margin and ties, consensus rankings, new filters, hf, determinism -------------
+
+
+def test_ties_keep_adds_flagged_tied_pairs(
+    db: Session, session_factory: sessionmaker[Session], labeled: dict[str, Any]
+) -> None:
+    project = labeled["project"]
+    rows = jsonl(collect(session_factory, project.id, "pairs"))
+    assert [(r["prompt_id"], r["tie"]) for r in rows] == [("win", False)]
+    kept = jsonl(
+        b"".join(
+            export.stream(
+                session_factory, project.id, shape="pairs", fmt="jsonl", filters={}, ties=True
+            )
+        )
+    )
+    _, ta, tb, j_tie = labeled["tie"]
+    # The win, then the tie as a flagged pair with margin 0; "both bad" still gives nothing.
+    assert [(r["prompt_id"], r["tie"], r["margin"]) for r in kept] == [
+        ("win", False, 3),
+        ("tie", True, 0),
+    ]
+    tie_row = kept[1]
+    assert (tie_row["chosen_id"], tie_row["rejected_id"]) == (min(ta, tb), max(ta, tb))
+    assert (tie_row["chosen"], tie_row["rejected"], tie_row["rank_distance"]) == ("x", "y", 0)
+    assert tie_row["judgment_id"] == j_tie.id
+
+
+def test_ranking_tie_pairs_with_keep(db: Session, session_factory: sessionmaker[Session]) -> None:
+    project = make_project(db, mode=ProjectMode.ranking, candidates_per_task=4)
+    p = make_prompt(db, project, ["c0", "c1", "c2", "c3"])
+    task = make_task(db, project, p)
+    c0, c1, c2, c3 = task.completion_ids
+    judge(db, task, make_user(db), [[c2], [c0, c3], [c1]], strength=2)
+    rows = list(export.rows(db, project.id, shape="pairs", filters={}, ties=True))
+    assert len(rows) == 6  # C(4, 2): five strict pairs and the one tie
+    assert [
+        (r["chosen_id"], r["rejected_id"], r["tie"], r["margin"]) for r in rows if r["tie"]
+    ] == [(c0, c3, True, 0)]
+    assert {r["margin"] for r in rows if not r["tie"]} == {2}  # the strength, when given
+
+
+def test_rankings_row_has_the_consensus_of_all_annotators(
+    db: Session, session_factory: sessionmaker[Session]
+) -> None:
+    project = make_project(
+        db, mode=ProjectMode.ranking, candidates_per_task=3, judgments_per_task=3
+    )
+    p = make_prompt(db, project, ["x", "y", "z"], external_id="r1")
+    task = make_task(db, project, p)
+    x, y, z = task.completion_ids
+    ann = [make_user(db, username=f"rk-{i}") for i in range(3)]
+    judge(db, task, ann[0], [[x], [y], [z]], created_at=T0)
+    judge(db, task, ann[1], [[x], [y], [z]], created_at=datetime(2024, 5, 2, tzinfo=UTC))
+    judge(db, task, ann[2], [[z], [y], [x]], strength=1, created_at=T0)
+    (row,) = jsonl(collect(session_factory, project.id, "rankings"))
+    assert row["completions"] == ["x", "y", "z"]
+    assert row["ranking"] == [[0], [1], [2]]  # the majority order
+    assert row["consensus_method"] == "kemeny"
+    # 3 annotator pairs x 3 candidate pairs: the first two agree on all 3, the third on none.
+    assert row["agreement"] == pytest.approx(3 / 9)
+    assert [j["annotator"] for j in row["judgments"]] == ["rk-0", "rk-1", "rk-2"]
+    assert row["judgments"][2]["ranking"] == [[2], [1], [0]]
+    assert row["judgments"][2]["strength"] == 1
+    assert row["created_at"] == "2024-05-02T00:00:00Z"  # the newest judgment
+
+
+def _two_annotator_project(db: Session) -> dict[str, Any]:
+    """Four tasks judged by alice and bob: they agree on t1 and t2, disagree on t3 and t4;
+    carol judged t1 alone and is paused. Prompt metadata: lang en/de."""
+    project = make_project(db, judgments_per_task=2)
+    alice = make_user(db, username="alice-f")
+    bob = make_user(db, username="bob-f")
+    carol = make_user(db, username="carol-f")
+    tasks = {}
+    for key, lang in (("t1", "en"), ("t2", "en"), ("t3", "de"), ("t4", "de")):
+        task, a, b = pairwise(
+            db,
+            project,
+            (f"{key}a", f"{key}b"),
+            external_id=key,
+            metadata_={"lang": lang, "n": int(key[1])},
+        )
+        tasks[key] = (task, a, b)
+        judge(db, task, alice, [[a], [b]])
+        judge(db, task, bob, [[a], [b]] if key in ("t1", "t2") else [[b], [a]])
+    extra, ea, eb = pairwise(
+        db, project, ("sa", "sb"), external_id="solo", metadata_={"lang": "en"}
+    )
+    judge(db, extra, carol, [[ea], [eb]])
+    carol.active = False
+    db.flush()
+    return {"project": project, "alice": alice, "bob": bob, "carol": carol, "tasks": tasks}
+
+
+def _ids(db: Session, project_id: int, **filters: Any) -> list[tuple[str, str]]:
+    rows = export.rows(db, project_id, shape="raw", filters=filters)
+    return [(r["prompt_id"], r["annotator"]) for r in rows]
+
+
+def test_filter_exclude_annotator_and_paused(db: Session) -> None:
+    data = _two_annotator_project(db)
+    pid = data["project"].id
+    assert len(_ids(db, pid)) == 9
+    assert {a for _, a in _ids(db, pid, exclude_annotator="bob-f")} == {"alice-f", "carol-f"}
+    assert {a for _, a in _ids(db, pid, exclude_annotator=["bob-f", "alice-f"])} == {"carol-f"}
+    assert {a for _, a in _ids(db, pid, exclude_paused=True)} == {"alice-f", "bob-f"}
+    assert {a for _, a in _ids(db, pid, exclude_paused="false")} == {"alice-f", "bob-f", "carol-f"}
+    both = _ids(db, pid, annotator=["alice-f", "carol-f"], exclude_paused="true")
+    assert {a for _, a in both} == {"alice-f"}
+    with pytest.raises(InvalidInput, match="nobody-x"):
+        _ids(db, pid, exclude_annotator="nobody-x")
+
+
+def test_filter_min_agreement(db: Session) -> None:
+    data = _two_annotator_project(db)
+    pid = data["project"].id
+    # t1, t2: both annotators agree (1.0); t3, t4: they disagree (0.0); solo: one judgment,
+    # so no agreement to measure: left out by any minimum.
+    assert sorted({p for p, _ in _ids(db, pid, min_agreement=0.5)}) == ["t1", "t2"]
+    assert sorted({p for p, _ in _ids(db, pid, min_agreement="1")}) == ["t1", "t2"]
+    assert sorted({p for p, _ in _ids(db, pid, min_agreement=0)}) == ["t1", "t2", "t3", "t4"]
+    # Agreement among the *selected* judgments: with bob left out nobody overlaps.
+    assert _ids(db, pid, min_agreement=0, exclude_annotator="bob-f") == []
+    for bad in ("1.5", "-0.1", "lots", True):
+        with pytest.raises(InvalidInput, match="min_agreement"):
+            _ids(db, pid, min_agreement=bad)
+
+
+def test_filter_min_gold_accuracy(db: Session) -> None:
+    data = _two_annotator_project(db)
+    project, alice, bob = data["project"], data["alice"], data["bob"]
+    # Gold judgments as the gold feature records them: alice 2/2 right, bob 1/3.
+    for user, answers in ((alice, [True, True]), (bob, [True, False, False])):
+        for i, correct in enumerate(answers):
+            gold, ga, gb = pairwise(db, project, ("ga", "gb"), external_id=f"g-{user.id}-{i}")
+            j = judge(db, gold, user, [[ga], [gb]])
+            j.is_gold, j.gold_correct = True, correct
+    db.flush()
+    assert export.gold_accuracy(db, project.id) == {alice.id: (2, 2), bob.id: (1, 3)}
+    assert {a for _, a in _ids(db, project.id, min_gold_accuracy=0.5)} == {"alice-f"}
+    assert {a for _, a in _ids(db, project.id, min_gold_accuracy=0.3)} == {"alice-f", "bob-f"}
+    # carol judged no gold item: her accuracy is unknown, so any minimum leaves her out.
+    assert "carol-f" not in {a for _, a in _ids(db, project.id, min_gold_accuracy=0.0)}
+
+
+def test_filter_prompt_metadata(db: Session) -> None:
+    data = _two_annotator_project(db)
+    pid = data["project"].id
+    assert sorted({p for p, _ in _ids(db, pid, **{"meta.lang": "de"})}) == ["t3", "t4"]
+    assert sorted({p for p, _ in _ids(db, pid, meta={"lang": "en", "n": 2})}) == ["t2"]
+    assert sorted({p for p, _ in _ids(db, pid, meta="n=1")}) == ["t1"]  # numbers match as JSON
+    assert sorted({p for p, _ in _ids(db, pid, **{"meta.n": ["1", "4"]})}) == ["t1", "t4"]
+    assert _ids(db, pid, **{"meta.missing": "x"}) == []
+    assert len(_ids(db, pid, meta="")) == 9  # a blank form field is no filter
+    with pytest.raises(InvalidInput, match="key=value"):
+        _ids(db, pid, meta="lang")
+    with pytest.raises(InvalidInput, match="unknown export filter"):
+        _ids(db, pid, metadata="x")
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_the_same_export_twice_is_byte_identical(
+    session_factory: sessionmaker[Session], labeled: dict[str, Any], fmt: str
+) -> None:
+    project = labeled["project"]
+    for shape in export.SHAPES:
+        first = collect(session_factory, project.id, shape, fmt)
+        assert first
+        assert collect(session_factory, project.id, shape, fmt) == first
+
+
+def test_hf_save_to_disk_writes_a_loadable_directory(
+    session_factory: sessionmaker[Session], labeled: dict[str, Any], tmp_path: Path
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    project = labeled["project"]
+    target = tmp_path / "out"
+    assert export.save_to_disk(session_factory, project.id, target, shape="raw") == 3
+    ds = datasets.load_from_disk(str(target))
+    assert sorted(ds["prompt_id"]) == ["bad", "tie", "win"]
+    assert sorted(ds["choice"]) == sorted([str(labeled["win"][2]), "tie", "both_bad"])
+    with pytest.raises(InvalidInput, match="not empty"):
+        export.save_to_disk(session_factory, project.id, target, shape="raw")
+
+
+def test_api_hf_download_and_ties_parameter(
+    client, db: Session, labeled: dict[str, Any], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    project = labeled["project"]
+    headers = make_token(db, make_user(db, Role.researcher))
+    url = f"/api/v1/projects/{project.id}/export"
+    resp = client.get(url, params={"shape": "pairs", "format": "hf"}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/gzip"
+    assert f'filename="project-{project.id}-pairs.tar.gz"' in resp.headers["content-disposition"]
+    assert [r["prompt_id"] for r in _hf_rows(resp.content, "pairs", tmp_path)] == ["win"]
+    kept = jsonl(client.get(url, params={"ties": "keep"}, headers=headers).content)
+    assert [r["tie"] for r in kept] == [False, True]
+    resp = client.get(url, params={"ties": "maybe"}, headers=headers)
+    assert resp.status_code == 422 and "ties" in resp.json()["detail"]
+    resp = client.get(url, params={"shape": "raw", "meta.source": "unit"}, headers=headers)
+    assert [r["prompt_id"] for r in jsonl(resp.content)] == ["win"]
+    resp = client.get(url, params={"shape": "raw", "min_agreement": "2"}, headers=headers)
+    assert resp.status_code == 422
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_pairs_jsonl_fast_path_equals_encoding_the_rows(
+    db: Session, session_factory: sessionmaker[Session], labeled: dict[str, Any], ties: bool
+) -> None:
+    """The pairs JSONL is built from pre-escaped fragments; it must be byte for byte the
+    compact JSON of `rows()`, whatever the texts hold."""
+    project, ann = labeled["project"], labeled["ann"]
+    nasty = ('quote " backslash \\ tab \t nl \n', "ctrl \x01 \x1f del \x7f \u2028 \U0001f600 é")
+    task, a, b = pairwise(
+        db,
+        project,
+        nasty,
+        text=None,
+        messages=[{"role": "user", "content": 'say "hi" \\ \n'}],
+        metadata_={"nested": [1, 2.5, None, {"k": "ü"}], "flag": True, "s": "x"},
+    )
+    judge(db, task, ann, [[b], [a]])
+    other = make_user(db, username="odd.name_1")
+    judge(db, task, other, [[a, b]], strength=2)
+    streamed = b"".join(
+        export.stream(
+            session_factory, project.id, shape="pairs", fmt="jsonl", filters={}, ties=ties
+        )
+    )
+    encoded = "".join(
+        json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
+        for r in export.rows(db, project.id, shape="pairs", filters={}, ties=ties)
+    ).encode()
+    assert streamed == encoded
+    assert len(jsonl(streamed)) == (4 if ties else 2)
+
+
+def test_streaming_errors_in_the_reader_thread_reach_the_consumer(
+    session_factory: sessionmaker[Session],
+    labeled: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches are read ahead in a worker thread; its failure must surface, not hang."""
+    real = export._batches
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        yield from real(*args, **kwargs)
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(export, "_batches", failing)
+    for fmt in ("jsonl", "parquet"):
+        chunks = export.stream(
+            session_factory, labeled["project"].id, shape="pairs", fmt=fmt, filters={}
+        )
+        with pytest.raises(RuntimeError, match="database went away"):
+            b"".join(chunks)
+
+
+def test_closing_a_stream_early_stops_the_reader_thread(
+    db: Session, session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    monkeypatch.setattr(export, "BATCH_ROWS", 2)
+    monkeypatch.setattr(export, "CHUNK_BYTES", 10)
+    project = make_project(db)
+    ann = make_user(db)
+    for i in range(12):
+        task, a, b = pairwise(db, project, (f"a{i}", f"b{i}"), external_id=f"e{i}")
+        judge(db, task, ann, [[a], [b]])
+    chunks = export.stream(session_factory, project.id, shape="pairs", fmt="jsonl", filters={})
+    first = next(chunks)
+    assert first.startswith(b'{"prompt":')
+    chunks.close()  # a client that went away
+    assert not [t for t in threading.enumerate() if t.name == "export-prefetch"]
+    # The session is free again: a full export still works.
+    assert len(jsonl(collect(session_factory, project.id, "pairs"))) == 12
+
+
+def test_timestamps_with_and_without_a_fraction(
+    db: Session, session_factory: sessionmaker[Session]
+) -> None:
+    """Postgres formats the time in the database on the fast path; it must read exactly as
+    Python's isoformat (which leaves out a zero fraction) on every shape and backend."""
+    project = make_project(db)
+    ann = make_user(db)
+    moments = [
+        datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+        datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC),
+        datetime(2024, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+    ]
+    for i, moment in enumerate(moments):
+        task, a, b = pairwise(db, project, (f"a{i}", f"b{i}"), external_id=f"m{i}")
+        judge(db, task, ann, [[a], [b]], created_at=moment)
+    expected = [
+        "2024-05-01T12:00:00Z",
+        "2024-05-01T12:00:00.123456Z",
+        "2024-12-31T23:59:59.000001Z",
+    ]
+    for shape in export.SHAPES:
+        got = [r["created_at"] for r in jsonl(collect(session_factory, project.id, shape))]
+        assert got == expected, shape
+    assert [export.iso(m) for m in moments] == expected

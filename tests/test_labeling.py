@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import itertools
 import re
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.exc import DetachedInstanceError
 
-from app.models import Judgment, Lease, Project, Prompt, Role, Skip, Task, TaskState, User
+from app.models import (
+    Judgment,
+    Lease,
+    Project,
+    ProjectMode,
+    Prompt,
+    Role,
+    Skip,
+    Task,
+    TaskState,
+    User,
+)
 from app.services import users as users_service
 from tests.factories import login, make_project, make_prompt, make_task, make_token, make_user
 
@@ -337,7 +348,7 @@ def test_label_page_renders_chat_messages_as_a_conversation(client, db):
     make_task(db, project, make_prompt(db, project, ["a", "b"], text=None, messages=messages))
     login(client, make_user(db).username)
     html = client.get(f"/label/{project.id}").text
-    assert html.count('class="msg"') == 2
+    assert html.count('<div class="msg msg-') == 2
     assert '<div class="role">system</div><pre class="prompt">Be &lt;terse&gt;.</pre>' in html
     assert "Hi\n  there" in html
 
@@ -419,3 +430,246 @@ def test_label_reload_shows_the_same_task(client, db):
     assert form_value(one, "task_id") == form_value(two, "task_id")
     assert form_value(one, "client_key") != form_value(two, "client_key")
     assert count(db, Lease) == 1 and count(db, Prompt) == 3
+
+
+# --- ranking, strength, the one-round-trip swap, progress --------------------------------
+
+
+def ranking_project(db: Session, n: int, k: int = 4, **fields) -> tuple[Project, list[Task]]:  # type: ignore[no-untyped-def]
+    project = make_project(db, mode=ProjectMode.ranking, candidates_per_task=k, **fields)
+    made = [
+        make_task(db, project, make_prompt(db, project, [f"answer {i}.{j}" for j in range(k)]))
+        for i in range(n)
+    ]
+    return project, made
+
+
+def rank_options(html: str) -> dict[str, list[str]]:
+    """The rank select of each item on the page: label -> option values."""
+    items = re.findall(r'<li class="rank-item" id="item-(\w)".*?</select>', html, re.S)
+    blocks = re.findall(r'<li class="rank-item".*?</select>', html, re.S)
+    return {
+        label: re.findall(r'<option value="([^"]*)"', block)
+        for label, block in zip(items, blocks, strict=True)
+    }
+
+
+def test_ranking_page_without_javascript_has_a_rank_select_per_item(client, db):
+    project, (task,) = ranking_project(db, 1, k=4)
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    assert 'data-mode="ranking"' in html and 'name="none_acceptable"' in html
+    options = rank_options(html)
+    assert sorted(options) == ["A", "B", "C", "D"]
+    lease = db.scalar(select(Lease).where(Lease.task_id == task.id))
+    for label, cid in zip("ABCD", lease.display_order, strict=True):
+        assert options[label] == [""] + [f"{cid}:{n}" for n in range(1, 5)]
+    assert "answers, best first" in html.lower()
+
+
+def test_ranking_form_with_ties_and_none_acceptable(client, db):
+    project, (task,) = ranking_project(db, 1, k=4)
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    a, b, c, d = db.scalar(select(Lease).where(Lease.task_id == task.id)).display_order
+    form = {
+        "csrf_token": form_value(html, "csrf_token"),
+        "task_id": str(task.id),
+        "client_key": form_value(html, "client_key"),
+        "rank": [f"{a}:3", f"{b}:1", f"{c}:3", f"{d}:2"],  # c and a tie for third
+        "none_acceptable": "true",
+        "rationale": "B is best",
+        "time_spent_ms": "4321",
+    }
+    resp = client.post(f"/label/{project.id}/submit", data=form, follow_redirects=False)
+    assert resp.status_code == 303, resp.text
+    (stored,) = db.scalars(select(Judgment)).all()
+    assert stored.ranking == [[b], [d], sorted([a, c])]
+    assert stored.none_acceptable and stored.time_spent_ms == 4321
+    assert stored.display_order == [a, b, c, d] and stored.rationale == "B is best"
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        (["first:1"], "bad rank value"),
+        ([""], "give every answer a rank"),
+    ],
+)
+def test_ranking_form_rejects_missing_or_bad_ranks(client, db, ranks, message):
+    project, (task,) = ranking_project(db, 1, k=3)
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    a, b, _ = db.scalar(select(Lease).where(Lease.task_id == task.id)).display_order
+    form = {
+        "csrf_token": form_value(html, "csrf_token"),
+        "task_id": str(task.id),
+        "rank": [f"{a}:1", f"{b}:2", *ranks],
+    }
+    resp = client.post(
+        f"/label/{project.id}/submit", data=form, headers={"Accept": "application/json"}
+    )
+    assert resp.status_code == 422 and message in resp.json()["detail"]
+    assert count(db, Judgment) == 0
+
+
+def test_pair_form_strength_is_kept_for_a_winner_and_dropped_for_a_tie(client, db):
+    project, made = pairs_project(db, 2)
+    login(client, make_user(db).username)
+    for choice, strength in (("winner", "3"), ("tie", "2")):
+        html = client.get(f"/label/{project.id}").text
+        assert 'name="strength" value="3" data-key="e"' in html
+        task_id = int(form_value(html, "task_id"))
+        winner = db.scalar(select(Lease).where(Lease.task_id == task_id)).display_order[0]
+        form = {
+            "csrf_token": form_value(html, "csrf_token"),
+            "task_id": str(task_id),
+            "choice": str(winner) if choice == "winner" else "tie",
+            "strength": strength,
+        }
+        client.post(f"/label/{project.id}/submit", data=form, follow_redirects=False)
+    rows = db.scalars(select(Judgment).order_by(Judgment.id)).all()
+    assert [r.strength for r in rows] == [3, None] and made
+
+
+def test_htmx_submit_answers_with_the_next_task_block(client, db):
+    project, made = pairs_project(db, 3)
+    user = make_user(db)
+    csrf = login(client, user.username)
+    html = client.get(f"/label/{project.id}").text
+    first = int(form_value(html, "task_id"))
+    form = {
+        "task_id": str(first),
+        "choice": "tie",
+        "client_key": form_value(html, "client_key"),
+        "time_started": form_value(html, "time_started"),
+        "time_spent_ms": "2500",
+    }
+    headers = {"HX-Request": "true", "X-CSRF-Token": csrf}
+    swap = client.post(f"/label/{project.id}/submit", data=form, headers=headers)
+    assert swap.status_code == 200
+    block = swap.text
+    assert "<html" not in block and '<div id="label-root">' in block
+    second = int(form_value(block, "task_id"))
+    assert second != first and second in {t.id for t in made}
+    assert "You have judged 1 here · 2 tasks open" in block
+    assert re.search(r'id="project-progress" max="3" value="1"', block)
+    assert re.search(r'id="user-progress" max="3" value="1"', block)
+    (stored,) = db.scalars(select(Judgment)).all()
+    assert stored.task_id == first and stored.time_spent_ms == 2500
+    leased = db.scalars(select(Lease.task_id).where(Lease.user_id == user.id)).all()
+    assert leased == [second]  # the next task was leased in the same request
+
+    again = client.post(f"/label/{project.id}/submit", data=form, headers=headers)
+    assert again.status_code == 200 and int(form_value(again.text, "task_id")) == second
+    assert count(db, Judgment) == 1  # a resent request stores nothing twice
+
+    skipped = client.post(
+        f"/label/{project.id}/skip", data={"task_id": str(second)}, headers=headers
+    )
+    assert skipped.status_code == 200 and "<html" not in skipped.text
+    third = int(form_value(skipped.text, "task_id"))
+    assert third not in (first, second)
+
+
+def test_htmx_submit_of_the_last_task_answers_with_the_done_block(client, db):
+    project, (task,) = pairs_project(db, 1)
+    csrf = login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    form = {"task_id": str(task.id), "choice": "both_bad"}
+    done = client.post(
+        f"/label/{project.id}/submit",
+        data=form,
+        headers={"HX-Request": "true", "X-CSRF-Token": csrf},
+    )
+    assert done.status_code == 200 and 'id="all-done"' in done.text and "<html" not in done.text
+    assert re.search(r'id="project-progress" max="1" value="1"', done.text)
+    assert html
+
+
+def test_htmx_submit_on_a_lost_lease_is_409_json(client, db):
+    project, (task,) = pairs_project(db, 1)
+    csrf = login(client, make_user(db).username)
+    client.get(f"/label/{project.id}")
+    lease = db.scalar(select(Lease).where(Lease.task_id == task.id))
+    lease.expires_at = lease.created_at - timedelta(seconds=1)  # it ran out
+    db.flush()
+    _, other = token_user(db)
+    assert (
+        client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=other).json()["task_id"]
+        == task.id
+    )
+    judged = client.post(
+        f"/api/v1/tasks/{task.id}/judgments", json={"choice": "tie"}, headers=other
+    )
+    assert judged.status_code == 201
+    resp = client.post(
+        f"/label/{project.id}/submit",
+        data={"task_id": str(task.id), "choice": "tie"},
+        headers={
+            "HX-Request": "true",
+            "X-CSRF-Token": csrf,
+            "Accept": "text/html, application/json;q=0.9",
+        },
+    )
+    assert resp.status_code == 409 and resp.json()["error"] == "lease_expired"
+    assert "not stored" in resp.json()["detail"] and count(db, Judgment) == 1
+
+
+def test_code_fences_and_line_breaks_are_kept_and_escaped(client, db):
+    project = make_project(db)
+    code = "Try this:\n```python\nif a < b:\n    print('<ok>')\n```\ndone"
+    make_task(db, project, make_prompt(db, project, [code, "plain"]))
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    assert (
+        '<span class="fence">```</span><code class="code-block">python\nif a &lt; b:\n'
+        '    print(&#39;&lt;ok&gt;&#39;)\n</code><span class="fence">```</span>\ndone'
+    ) in html
+    assert "<ok>" not in html
+
+
+def test_progress_counts_leave_gold_and_retired_tasks_out(client, db):
+    project, made = pairs_project(db, 3)
+    made[0].state = TaskState.retired
+    made[1].is_gold = True
+    db.flush()
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    assert re.search(r'id="project-progress" max="1" value="0"', html)
+    assert "1 task open" in html
+
+
+def test_api_ranking_with_ties_and_none_acceptable(client, db):
+    project, (task,) = ranking_project(db, 1, k=3)
+    _, auth = token_user(db)
+    body = client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth).json()
+    a, b, c = (x["id"] for x in body["candidates"])
+    resp = client.post(
+        f"/api/v1/tasks/{task.id}/judgments",
+        json={"ranking": [c, [b, a]], "none_acceptable": True, "client_key": "r1"},
+        headers=auth,
+    )
+    assert resp.status_code == 201, resp.text
+    out = resp.json()
+    assert out["ranking"] == [[c], sorted([a, b])] and out["none_acceptable"] is True
+    assert out["display_order"] == [a, b, c]
+    again = client.post(
+        f"/api/v1/tasks/{task.id}/judgments",
+        json={"ranking": [c, [b, a]], "client_key": "r1"},
+        headers=auth,
+    )
+    assert again.status_code == 200 and again.json()["id"] == out["id"]
+
+
+def test_the_app_gives_every_in_flight_request_a_thread(client):
+    """Fewer threads than in-flight requests let requests hold pooled DB connections while
+    queueing for a thread, which deadlocked 200 annotators at once (bench/annotate.py)."""
+    import anyio.to_thread
+
+    from app.routes.labeling import REQUEST_THREADS
+
+    tokens = client.portal.call(
+        lambda: anyio.to_thread.current_default_thread_limiter().total_tokens
+    )
+    assert tokens >= REQUEST_THREADS >= 200

@@ -1,7 +1,8 @@
 """Labeling over the JSON API and in the browser: claim a task, heartbeat, skip, judge.
 
-The browser page is a plain form that works without JavaScript; app/static/label.js adds the
-keyboard shortcuts and the lease heartbeat on top.
+The browser page is a plain form that works without JavaScript (pairwise radios, or a rank
+select per answer for rankings); app/static/label.js adds the keyboard, drag-and-drop, the
+lease heartbeat, and the one-round-trip swap to the next task on top.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from typing import Annotated
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
@@ -21,7 +25,31 @@ from app.schemas import CandidateView, JudgmentIn, JudgmentOut, LeaseOut, Prompt
 from app.services import judgments, tasks
 from app.web import render
 
-router = APIRouter(tags=["labeling"])
+REQUEST_THREADS = 400
+"""Worker threads for sync routes and dependencies, per web process (anyio's default is 40)."""
+
+
+@asynccontextmanager
+async def _enough_threads(_app: Any) -> AsyncIterator[None]:
+    """Let every in-flight request have a thread, so none can hold a DB connection while
+    queueing for one.
+
+    A request checks out its connection in the auth dependency (one thread hop) and uses it
+    again in the route (another hop). With anyio's 40 threads and 200 annotators at once,
+    all 40 threads ended up blocked waiting for a pooled connection while every connection
+    was held by a request waiting for a thread: pool timeouts after 30 s (bench/annotate.py).
+    With a thread for each request, connection holders always run on, and the pool, not the
+    thread limiter, is what queues. Idle threads cost next to nothing.
+    """
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = max(limiter.total_tokens, REQUEST_THREADS)
+    yield
+
+
+router = APIRouter(tags=["labeling"], lifespan=_enough_threads)
+LABELS = "ABCDEFGHI"
+"""Candidates are shown as A, B, C … (at most 9, the largest ranking K)."""
+MAX_TIME_MS = 2**31 - 1
 
 
 # --- JSON API ----------------------------------------------------------------------------
@@ -79,6 +107,29 @@ def judge(
 # --- browser pages -----------------------------------------------------------------------
 
 
+def _is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def _render_label_page(request: Request, page: tasks.LabelPage, settings: SettingsDep) -> Response:
+    """The task (or "all done") page; only its content block when label.js swaps it in."""
+    if page.claim is None:
+        return render(request, "label/done.html", {"page": page}, block="content")
+    return render(
+        request,
+        "label/task.html",
+        {
+            "page": page,
+            "claim": page.claim,
+            "labels": LABELS,
+            "client_key": secrets.token_urlsafe(18),
+            "time_started": int(time.time() * 1000),
+            "heartbeat_s": settings.heartbeat_interval_s,
+        },
+        block="content",
+    )
+
+
 @router.get("/label", include_in_schema=False)
 def label_index(request: Request, db: Db, user: AnnotatorUser) -> Response:
     return render(request, "label/index.html", {"queues": tasks.queues(db)})
@@ -89,21 +140,7 @@ def label_page(
     request: Request, project_id: int, db: Db, user: AnnotatorUser, settings: SettingsDep
 ) -> Response:
     page = tasks.label_page(db, project_id, user, now=utcnow(), rng=random.Random())
-    if page.claim is None:
-        return render(request, "label/done.html", {"page": page}, block="content")
-    return render(
-        request,
-        "label/task.html",
-        {
-            "page": page,
-            "claim": page.claim,
-            "labels": "ABCDEFGHIJ",
-            "client_key": secrets.token_urlsafe(18),
-            "time_started": int(time.time() * 1000),
-            "heartbeat_s": settings.heartbeat_interval_s,
-        },
-        block="content",
-    )
+    return _render_label_page(request, page, settings)
 
 
 def _parse_choice(raw: str | None) -> int | str | None:
@@ -113,40 +150,95 @@ def _parse_choice(raw: str | None) -> int | str | None:
     return int(raw) if raw.isdigit() else raw
 
 
-@router.post("/label/{project_id}/submit", include_in_schema=False)
-def label_submit(
-    project_id: int,
-    db: Db,
-    user: AnnotatorUser,
-    task_id: Annotated[int, Form()],
-    choice: Annotated[str | None, Form()] = None,
-    rationale: Annotated[str | None, Form()] = None,
-    client_key: Annotated[str | None, Form()] = None,
-    time_started: Annotated[int | None, Form()] = None,
-) -> Response:
-    """Store the verdict, then go to the next task; a resent form stores nothing twice."""
+def _parse_ranks(values: list[str]) -> list[list[int]]:
+    """Rank selects send "<completion id>:<rank>"; equal ranks are a tie group, best first."""
+    by_rank: dict[int, list[int]] = {}
+    for value in values:
+        cid, sep, rank = value.partition(":")
+        if not value:
+            raise InvalidInput("give every answer a rank before submitting (equal ranks tie)")
+        if not (sep and cid.isdigit() and rank.isdigit()):
+            raise InvalidInput(f"bad rank value {value!r}")
+        by_rank.setdefault(int(rank), []).append(int(cid))
+    return [by_rank[r] for r in sorted(by_rank)]
+
+
+def _verdict(
+    choice: str | None, strength: str | None, rank: list[str], none_acceptable: bool
+) -> dict[str, Any]:
+    """The form's fields as keyword arguments for judgments.record."""
+    if rank:
+        return {"ranking": _parse_ranks(rank), "none_acceptable": none_acceptable}
     parsed = _parse_choice(choice)
     if parsed is None:
         raise InvalidInput("choose A, B, Tie or Both bad before submitting")
-    spent = None
+    verdict: dict[str, Any] = {"choice": parsed}
+    if strength and isinstance(parsed, int):  # "how much better" means nothing for a tie
+        if strength not in ("1", "2", "3"):
+            raise InvalidInput("strength must be 1, 2 or 3")
+        verdict["strength"] = int(strength)
+    return verdict
+
+
+def _time_spent(time_spent_ms: str | None, time_started: int | None) -> int | None:
+    """The browser's own measure (page shown to submit) when sent, else the server's."""
+    if time_spent_ms and time_spent_ms.isdigit():
+        return min(int(time_spent_ms), MAX_TIME_MS)
     if time_started is not None:
-        spent = max(0, min(int(time.time() * 1000) - time_started, 2**31 - 1))
-    judgments.record(
-        db,
-        task_id,
-        user,
-        choice=parsed,
-        rationale=rationale,
-        client_key=client_key or None,
-        time_spent_ms=spent,
-        now=utcnow(),
-    )
+        return max(0, min(int(time.time() * 1000) - time_started, MAX_TIME_MS))
+    return None
+
+
+@router.post("/label/{project_id}/submit", include_in_schema=False)
+def label_submit(
+    request: Request,
+    project_id: int,
+    db: Db,
+    user: AnnotatorUser,
+    settings: SettingsDep,
+    task_id: Annotated[int, Form()],
+    choice: Annotated[str | None, Form()] = None,
+    strength: Annotated[str | None, Form()] = None,
+    rank: Annotated[list[str] | None, Form()] = None,
+    none_acceptable: Annotated[bool, Form()] = False,
+    rationale: Annotated[str | None, Form()] = None,
+    client_key: Annotated[str | None, Form()] = None,
+    time_started: Annotated[int | None, Form()] = None,
+    time_spent_ms: Annotated[str | None, Form()] = None,
+) -> Response:
+    """Store the verdict, then go to the next task; a resent form stores nothing twice.
+
+    From label.js (an htmx-style request) the answer is the next task's block, leased in the
+    same transaction; a plain form gets a redirect to the page.
+    """
+    fields = {
+        **_verdict(choice, strength, rank or [], none_acceptable),
+        "rationale": rationale,
+        "client_key": client_key or None,
+        "time_spent_ms": _time_spent(time_spent_ms, time_started),
+    }
+    if _is_htmx(request):
+        page = judgments.record_then_next(
+            db, project_id, task_id, user, now=utcnow(), rng=random.Random(), **fields
+        )
+        return _render_label_page(request, page, settings)
+    judgments.record(db, task_id, user, now=utcnow(), **fields)
     return RedirectResponse(f"/label/{project_id}", status_code=303)
 
 
 @router.post("/label/{project_id}/skip", include_in_schema=False)
 def label_skip(
-    project_id: int, db: Db, user: AnnotatorUser, task_id: Annotated[int, Form()]
+    request: Request,
+    project_id: int,
+    db: Db,
+    user: AnnotatorUser,
+    settings: SettingsDep,
+    task_id: Annotated[int, Form()],
 ) -> Response:
+    if _is_htmx(request):
+        page = tasks.skip_then_next(
+            db, project_id, task_id, user, now=utcnow(), rng=random.Random()
+        )
+        return _render_label_page(request, page, settings)
     tasks.skip(db, task_id, user)
     return RedirectResponse(f"/label/{project_id}", status_code=303)

@@ -2,24 +2,30 @@
 
 Browsers resend forms and networks retry, so a judgment carries a client key: the same key
 from the same user returns the stored row instead of a second one. The task row is locked
-while its counter is read and bumped (see app.services.tasks), and the unique constraints on
-(task_id, user_id) and client_key back this up if anything slips through.
+while its counter is read and bumped (see app.services.tasks), which serializes every write
+to one task; the unique constraints on (task_id, user_id) and client_key back this up.
+
+This is the hot path of the annotation benchmark (bench/annotate.py): a judgment is five
+statements (lock, earlier judgments, take the lease, insert, bump the counter).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
-from app.domain import assignment, rankings
+from app.domain import assignment, gold, rankings
 from app.errors import AlreadyJudged, Conflict, InvalidInput, LeaseExpired, NotFound
 from app.models import Judgment, Lease, Task, TaskState, User
-from app.services.tasks import live_leases_of_others, lock_task
+from app.services import tasks
+from app.services.tasks import check_active, live_leases_of_others, lock_task
 
 MAX_RATIONALE_CHARS = 10_000
 MAX_CLIENT_KEY_CHARS = 128
@@ -57,11 +63,41 @@ def _verdict(
         raise InvalidInput(str(exc)) from None
 
 
-def _replay(session: Session, task_id: int, user: User, client_key: str) -> Judgment | None:
-    """The judgment this key already stored for this user and task; Conflict on misuse."""
-    stored = session.scalar(select(Judgment).where(Judgment.client_key == client_key))
-    if stored is None:
-        return None
+_EARLIER = select(Judgment).where(
+    or_(
+        and_(Judgment.task_id == bindparam("task_id"), Judgment.user_id == bindparam("user_id")),
+        Judgment.client_key == bindparam("client_key"),
+    )
+)
+_TAKE_LEASE = (
+    delete(Lease)
+    .where(Lease.task_id == bindparam("task_id"), Lease.user_id == bindparam("user_id"))
+    .returning(Lease.display_order, Lease.expires_at)
+)
+_INSERT = insert(Judgment).returning(Judgment.id)
+_BUMP = (
+    update(Task)
+    .where(Task.id == bindparam("task_id"))
+    .values(judgment_count=bindparam("count"), state=bindparam("state"))
+    .execution_options(synchronize_session=False)
+)
+# Built once: a judgment is the hottest write there is, and building these expressions per
+# call cost about as much CPU as running them.
+
+
+def _earlier(
+    session: Session, task_id: int, user: User, client_key: str | None
+) -> tuple[bool, Judgment | None]:
+    """Whether `user` already judged this task, and the judgment stored under `client_key`
+    (any task, any user), from one statement."""
+    params = {"task_id": task_id, "user_id": user.id, "client_key": client_key}
+    found = session.scalars(_EARLIER, params).all()
+    keyed = next((j for j in found if client_key is not None and j.client_key == client_key), None)
+    return any(j.task_id == task_id and j.user_id == user.id for j in found), keyed
+
+
+def _replay(session: Session, task_id: int, user: User, stored: Judgment) -> Judgment:
+    """The judgment a repeated client_key stored for this user and task; Conflict on misuse."""
     if stored.user_id != user.id:
         raise Conflict("this client_key was already used by another user; generate a new one")
     if stored.task_id != task_id:
@@ -76,6 +112,7 @@ def record(
     *,
     ranking: Sequence[Any] | None = None,
     choice: int | str | None = None,
+    none_acceptable: bool = False,
     strength: int | None = None,
     rationale: str | None = None,
     client_key: str | None = None,
@@ -85,10 +122,15 @@ def record(
     """Store `user`'s verdict on a task; returns (judgment, created).
 
     A pairwise verdict is a `choice` (a completion id, "tie" or "both_bad"); any task takes a
-    `ranking` of tie groups, best first. A judgment whose lease expired (or was never taken)
+    `ranking` of tie groups, best first, with `none_acceptable` when every candidate is bad
+    (a pairwise "both_bad" sets it too). A judgment whose lease expired (or was never taken)
     is still accepted while the task needs it, since the work was done in good faith; it is
     refused with LeaseExpired only when others filled the slots meanwhile.
+
+    On a gold task the judgment is marked ``is_gold`` and scored against the known answer
+    (``gold_correct``); it never counts towards any normal task's overlap.
     """
+    check_active(user)
     now = assignment.as_utc(now)
     if rationale is not None:
         rationale = rationale.strip() or None
@@ -97,55 +139,72 @@ def record(
     task = lock_task(session, task_id)
     if task is None:
         raise NotFound(f"no task {task_id}")
-    if client_key is not None and (stored := _replay(session, task_id, user, client_key)):
-        return stored, False
+    mine, keyed = _earlier(session, task_id, user, client_key)
+    if keyed is not None:
+        return _replay(session, task_id, user, keyed), False
     verdict = _verdict(task, ranking, choice)
-    if session.scalar(
-        select(Judgment.id).where(Judgment.task_id == task_id, Judgment.user_id == user.id)
-    ):
+    if mine:
         raise AlreadyJudged(f"you have already judged task {task_id}")
 
-    lease = session.scalar(select(Lease).where(Lease.task_id == task_id, Lease.user_id == user.id))
+    # Taking the lease out and reading it is one statement; a refusal below rolls it back.
+    lease = session.execute(_TAKE_LEASE, {"task_id": task_id, "user_id": user.id}).first()
     live = lease is not None and assignment.is_live(lease.expires_at, now)
-    others = 0 if live else live_leases_of_others(session, task_id, user.id, now)
-    if task.state is not TaskState.open or not assignment.has_free_slot(
+    others = 0 if live or task.is_gold else live_leases_of_others(session, task_id, user.id, now)
+    needed = task.is_gold or assignment.has_free_slot(
         task.required_judgments, task.judgment_count, others
-    ):
-        if lease is not None:
-            session.delete(lease)
-            session.flush()
+    )
+    if task.state is not TaskState.open or not needed:
         raise LeaseExpired(
             f"task {task_id} no longer needs a judgment (your lease ran out and others "
             "completed it); your answer was not stored, please continue with the next task"
         )
 
-    judgment = Judgment(
-        project_id=task.project_id,
-        task_id=task.id,
-        user_id=user.id,
-        ranking=verdict.ranking,
-        none_acceptable=verdict.none_acceptable,
-        strength=strength,
-        rationale=rationale,
-        display_order=list(lease.display_order if lease is not None else task.completion_ids),
-        time_spent_ms=time_spent_ms,
-        client_key=client_key,
-        is_gold=task.is_gold,
-        created_at=now,
-    )
+    values = {
+        "project_id": task.project_id,
+        "task_id": task.id,
+        "user_id": user.id,
+        "ranking": verdict.ranking,
+        "none_acceptable": verdict.none_acceptable or none_acceptable,
+        "strength": strength,
+        "rationale": rationale,
+        "display_order": list(lease.display_order if lease is not None else task.completion_ids),
+        "time_spent_ms": time_spent_ms,
+        "client_key": client_key,
+        "is_gold": task.is_gold,
+        "gold_correct": gold.is_correct(task.gold_answer or [], verdict.ranking)
+        if task.is_gold
+        else None,
+        "created_at": now,
+    }
+    # Plain INSERT and UPDATE rather than the ORM's unit of work: this is the hottest write.
     try:
-        with session.begin_nested():
-            session.add(judgment)
+        judgment_id = session.execute(_INSERT, values).scalar_one()
     except IntegrityError:
-        # A concurrent request with the same client key won; hand back its row.
-        if client_key is not None and (stored := _replay(session, task_id, user, client_key)):
-            return stored, False
-        raise AlreadyJudged(f"you have already judged task {task_id}") from None
+        # Two judgments by one user on one task, or one client_key twice, are serialized by
+        # the task lock above and answered as replays; what is left is the same client_key
+        # sent for another task at the same moment.
+        raise Conflict(
+            "this client_key is being used for another task right now; generate a new one"
+        ) from None
+    count = task.judgment_count + 1
+    state = TaskState.done if not task.is_gold and count >= task.required_judgments else task.state
+    session.execute(_BUMP, {"task_id": task.id, "count": count, "state": state})
+    set_committed_value(task, "judgment_count", count)  # the locked row, as now stored
+    set_committed_value(task, "state", state)
+    return Judgment(id=judgment_id, **values), True
 
-    task.judgment_count += 1
-    if task.judgment_count >= task.required_judgments:
-        task.state = TaskState.done
-    if lease is not None:
-        session.delete(lease)
-    session.flush()
-    return judgment, True
+
+def record_then_next(
+    session: Session,
+    project_id: int,
+    task_id: int,
+    user: User,
+    *,
+    now: datetime,
+    rng: random.Random,
+    **verdict: Any,
+) -> tasks.LabelPage:
+    """Store a verdict and lease the next task in the same transaction, so the labeling page
+    swaps to the next task with one round trip (the browser's "instant" next)."""
+    record(session, task_id, user, now=now, **verdict)
+    return tasks.label_page(session, project_id, user, now=now, rng=rng)

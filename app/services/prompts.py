@@ -6,7 +6,10 @@ uses bulk INSERTs (a handful of statements for any number of rows), so 10,000 ro
 seconds.
 
 Row format (DESIGN.md): ``{"id": "...", "prompt": "..." | "messages": [{"role", "content"}],
-"completions": ["...", ...] (optional), "metadata": {...}}``. Errors use line 0 for problems
+"completions": ["...", ...] (optional), "metadata": {...}, "gold": ... (optional)}``. A row
+with ``gold`` becomes a gold task over exactly its completions, in order (app.services.gold):
+``0``, ``1`` or ``"tie"`` for a pair; index groups best first (``[2, [0, 1], 3]``, possibly
+only the top group) for a ranking, whose row then has exactly K completions. Errors use line 0 for problems
 with the whole file; for Parquet, "line" is the 1-based row number.
 """
 
@@ -39,15 +42,16 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from app.domain import gold as gold_answers
 from app.domain import pairing
 from app.errors import InvalidUpload, UploadTooLarge
 from app.models import Base, Completion, Project, ProjectMode, Prompt, Task, TaskState, utcnow
-from app.services import projects
+from app.services import gold, projects
 from app.settings import Settings
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
-FIELDS = ("id", "prompt", "messages", "completions", "metadata")
+FIELDS = ("id", "prompt", "messages", "completions", "metadata", "gold")
 EXTERNAL_ID_MAX = 255
 MAX_ERRORS = 1000  # returned in full; past this, only counted
 ERRORS_IN_MESSAGE = 5
@@ -67,12 +71,15 @@ class ImportResult:
     completions_created: int
     tasks_created: int
     rows: int
+    gold_tasks: int = 0
+    """Of `tasks_created`, how many are gold (or existing tasks made gold)."""
 
     def summary(self) -> str:
+        gold_part = f" ({self.gold_tasks} gold)" if self.gold_tasks else ""
         return (
             f"{self.rows} rows: {self.prompts_created} prompts created, "
             f"{self.prompts_updated} updated, {self.completions_created} completions added, "
-            f"{self.tasks_created} tasks created"
+            f"{self.tasks_created} tasks created{gold_part}"
         )
 
 
@@ -86,6 +93,8 @@ class Row:
     messages: list[dict[str, str]] | None
     completions: tuple[str, ...]
     metadata: dict[str, Any]
+    gold: Any = None
+    """The known answer as uploaded (indices into `completions`), or None."""
 
 
 @dataclass
@@ -130,6 +139,7 @@ def import_upload(
     problems = _Problems()
     rows = parse(filename, data, problems)
 
+    _check_gold_rows(project, rows, problems)
     existing = _existing_prompt_ids(session, project.id, [row.external_id for row in rows])
     if existing and not upsert:
         for row in rows:
@@ -149,20 +159,24 @@ def import_upload(
     prompt_ids.update({row.external_id: existing[row.external_id] for row in updated_rows})
 
     completions_created, new_completion_ids = _add_completions(session, rows, prompt_ids)
+    gold_rows = [row for row in rows if row.gold is not None]
+    gold_prompts = {prompt_ids[row.external_id] for row in gold_rows}
     tasks_created = _add_tasks(
         session,
         project,
-        new_completion_ids,
+        {pid: ids for pid, ids in new_completion_ids.items() if pid not in gold_prompts},
         set(existing.values()),
         settings.max_pairs_per_prompt,
         rng,
     )
+    gold_created = gold.add_tasks(session, project, _gold_specs(session, gold_rows, prompt_ids))
     return ImportResult(
         prompts_created=len(new_rows),
         prompts_updated=len(updated_rows),
         completions_created=completions_created,
-        tasks_created=tasks_created,
+        tasks_created=tasks_created + gold_created,
         rows=len(rows),
+        gold_tasks=gold_created,
     )
 
 
@@ -266,6 +280,16 @@ def validate(record: dict[str, Any], line: int, problems: _Problems) -> Row | No
     elif not _json_ok(metadata):
         bad("metadata cannot be stored as JSON (NaN, Infinity, invalid Unicode or non-JSON values)")
 
+    raw_gold = record.get("gold")
+    if raw_gold is not None and isinstance(completions, list):
+        if len(completions) < 2:
+            bad("a gold row needs its completions (the known answer is about them)")
+        else:
+            try:
+                gold_answers.answer_from_indices(raw_gold, list(range(len(completions))))
+            except gold_answers.GoldError as exc:
+                bad(f"gold: {exc}")
+
     if problems.total > before or external_id is None:
         return None
     return Row(
@@ -277,6 +301,7 @@ def validate(record: dict[str, Any], line: int, problems: _Problems) -> Row | No
         else None,
         completions=tuple(completions),
         metadata=metadata,
+        gold=raw_gold,
     )
 
 
@@ -429,7 +454,7 @@ def _columns_ok(names: list[str], line: int, problems: _Problems, what: str) -> 
         ok = False
     unknown = [n for n in names if n not in FIELDS and not COMPLETION_COLUMN.fullmatch(n)]
     if unknown:
-        allowed = "id, prompt, messages, completions or completion_1..completion_n, metadata"
+        allowed = "id, prompt, messages, completions or completion_1..completion_n, metadata, gold"
         problems.add(line, f"unknown {what}(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
         ok = False
     if "id" not in names:
@@ -457,7 +482,9 @@ def _from_columns(values: dict[str, Any], line: int, problems: _Problems) -> dic
         match = COMPLETION_COLUMN.fullmatch(name)
         if match:
             numbered.append((int(match.group(1)), value))
-        elif name in ("completions", "messages", "metadata") and isinstance(value, str):
+        elif name == "gold" and isinstance(value, str) and value.strip().lower() == "tie":
+            record[name] = "tie"  # the one gold answer that is not JSON in a CSV cell
+        elif name in ("completions", "messages", "metadata", "gold") and isinstance(value, str):
             try:
                 record[name] = json.loads(value)
             except json.JSONDecodeError as exc:
@@ -532,7 +559,42 @@ def _invalid(filename: str, problems: _Problems) -> InvalidUpload:
     return InvalidUpload(message, problems.items)
 
 
+def _check_gold_rows(project: Project, rows: list[Row], problems: _Problems) -> None:
+    """A gold task is exactly its row's completions, so their number must suit the project."""
+    want = 2 if project.mode is ProjectMode.pairwise else project.candidates_per_task
+    for row in rows:
+        if row.gold is not None and len(row.completions) != want:
+            problems.add(
+                row.line,
+                f"a gold row needs exactly {want} completions in this {project.mode.value} "
+                f"project (it has {len(row.completions)})",
+            )
+
+
 # --- writing ----------------------------------------------------------------------------------
+
+
+def _gold_specs(
+    session: Session, rows: list[Row], prompt_ids: dict[str, int]
+) -> list[tuple[int, list[int], list[list[int]]]]:
+    """(prompt id, completion ids in row order, answer in completion ids) per gold row."""
+    if not rows:
+        return []
+    by_text: dict[int, dict[str, int]] = defaultdict(dict)
+    wanted = sorted({prompt_ids[row.external_id] for row in rows})
+    for chunk in _chunks(wanted, QUERY_CHUNK):
+        for prompt_id, completion_id, text in session.execute(
+            select(Completion.prompt_id, Completion.id, Completion.text)
+            .where(Completion.prompt_id.in_(chunk))
+            .order_by(Completion.id)
+        ):
+            by_text[prompt_id].setdefault(text, completion_id)
+    specs = []
+    for row in rows:
+        prompt_id = prompt_ids[row.external_id]
+        ids = [by_text[prompt_id][body] for body in row.completions]
+        specs.append((prompt_id, ids, gold_answers.answer_from_indices(row.gold, ids)))
+    return specs
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

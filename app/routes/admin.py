@@ -1,0 +1,228 @@
+"""Project monitoring for admins (page and JSON) and gold answers.
+
+`/projects/{id}/admin` shows tasks by state, judgments per annotator per day, annotators with
+gold accuracy and speed (and a pause button), open leases and gold tasks. The same data is
+under `/api/v1/projects/{id}/...`; `POST /api/v1/tasks/{id}/gold` sets a task's known answer.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel
+
+from app.deps import AdminUser, Db
+from app.errors import InvalidInput
+from app.models import utcnow
+from app.services import gold, monitoring, users
+from app.web import render
+
+router = APIRouter(tags=["admin"])
+Days = Annotated[int, Query(ge=1, le=monitoring.MAX_DAYS)]
+
+
+class GoldIn(BaseModel):
+    """`answer`: a completion id (the winner), "tie" (pairs), a ranking of completion ids
+    best first (`[id, [id, id], ...]`, only its top group is scored), or null to make the
+    task normal again."""
+
+    answer: int | str | list[int | list[int]] | None
+
+
+class GoldTaskOut(BaseModel):
+    task_id: int
+    is_gold: bool
+    gold_answer: list[list[int]] | None
+    state: str
+
+
+class GoldStatsOut(BaseModel):
+    task_id: int
+    prompt_id: int
+    answer: list[list[int]]
+    judged: int
+    correct: int
+
+
+class TaskStatesOut(BaseModel):
+    open: int
+    in_progress: int
+    done: int
+    retired: int
+    leased: int
+    gold: int
+    total: int
+
+
+class AnnotatorOut(BaseModel):
+    user_id: int
+    username: str
+    active: bool
+    judgments: int
+    gold_judged: int
+    gold_correct: int
+    gold_accuracy: float | None
+    median_seconds: float | None
+    last_judgment_at: datetime | None
+
+
+class ActivityOut(BaseModel):
+    """`counts[username]` has one number per entry of `days` (UTC dates, oldest first)."""
+
+    days: list[date]
+    counts: dict[str, list[int]]
+    totals: list[int]
+
+
+class LeaseOut(BaseModel):
+    task_id: int
+    prompt_external_id: str
+    user_id: int
+    username: str
+    created_at: datetime
+    expires_at: datetime
+    expires_in_s: float
+
+
+class LeasesOut(BaseModel):
+    count: int
+    leases: list[LeaseOut]
+
+
+class MonitorOut(BaseModel):
+    project_id: int
+    tasks: TaskStatesOut
+    annotators: list[AnnotatorOut]
+    activity: ActivityOut
+    leases: LeasesOut
+    gold_tasks: list[GoldStatsOut]
+
+
+def _tasks_out(states: monitoring.TaskStates) -> TaskStatesOut:
+    return TaskStatesOut(**vars(states), total=states.total)
+
+
+def _annotators_out(rows: list[monitoring.AnnotatorStats]) -> list[AnnotatorOut]:
+    return [AnnotatorOut(**vars(a), gold_accuracy=a.gold_accuracy) for a in rows]
+
+
+def _activity_out(act: monitoring.Activity) -> ActivityOut:
+    names = dict(act.users)
+    return ActivityOut(
+        days=act.days,
+        counts={names[u]: counts for u, counts in act.counts.items()},
+        totals=act.totals,
+    )
+
+
+def _leases_out(table: monitoring.LeaseTable) -> LeasesOut:
+    rows = [
+        LeaseOut(**{k: v for k, v in vars(row).items() if k != "is_gold"}) for row in table.rows
+    ]
+    return LeasesOut(count=table.count, leases=rows)
+
+
+def _gold_out(rows: list[gold.GoldTaskStats]) -> list[GoldStatsOut]:
+    return [GoldStatsOut(**vars(r)) for r in rows]
+
+
+# --- JSON API ----------------------------------------------------------------------------
+
+
+@router.get("/api/v1/projects/{project_id}/monitor")
+def monitor(project_id: int, db: Db, _admin: AdminUser, days: Days = 14) -> MonitorOut:
+    """Everything the admin page shows, in one response."""
+    o = monitoring.overview(db, project_id, now=utcnow(), days=days)
+    return MonitorOut(
+        project_id=project_id,
+        tasks=_tasks_out(o.tasks),
+        annotators=_annotators_out(o.annotators),
+        activity=_activity_out(o.activity),
+        leases=_leases_out(o.leases),
+        gold_tasks=_gold_out(o.gold_tasks),
+    )
+
+
+@router.get("/api/v1/projects/{project_id}/annotators")
+def annotators(project_id: int, db: Db, _admin: AdminUser) -> list[AnnotatorOut]:
+    """Annotators who judged here: counts (gold apart), gold accuracy, median seconds."""
+    return _annotators_out(monitoring.annotators(db, project_id))
+
+
+@router.get("/api/v1/projects/{project_id}/activity")
+def activity(project_id: int, db: Db, _admin: AdminUser, days: Days = 14) -> ActivityOut:
+    """Judgments per annotator per UTC day."""
+    return _activity_out(monitoring.activity(db, project_id, now=utcnow(), days=days))
+
+
+@router.get("/api/v1/projects/{project_id}/leases")
+def leases(project_id: int, db: Db, _admin: AdminUser) -> LeasesOut:
+    """Leases alive now, soonest to expire first (at most 500 listed; `count` is exact)."""
+    return _leases_out(monitoring.open_leases(db, project_id, now=utcnow()))
+
+
+@router.get("/api/v1/projects/{project_id}/gold")
+def gold_tasks(project_id: int, db: Db, _admin: AdminUser) -> list[GoldStatsOut]:
+    """Gold tasks with how many annotators judged them and how many got them right."""
+    return _gold_out(monitoring.gold_tasks(db, project_id))
+
+
+@router.post("/api/v1/tasks/{task_id}/gold")
+def set_gold(task_id: int, body: GoldIn, db: Db, _admin: AdminUser) -> GoldTaskOut:
+    """Mark a task gold with its known answer (`null` makes it a normal task again)."""
+    task = gold.mark(db, task_id, body.answer)
+    return GoldTaskOut(
+        task_id=task.id, is_gold=task.is_gold, gold_answer=task.gold_answer, state=task.state.value
+    )
+
+
+# --- pages ----------------------------------------------------------------------------------
+
+
+@router.get("/projects/{project_id}/admin", include_in_schema=False)
+def admin_page(
+    request: Request, project_id: int, db: Db, _admin: AdminUser, days: Days = 14
+) -> Response:
+    overview = monitoring.overview(db, project_id, now=utcnow(), days=days)
+    return render(request, "admin/project.html", {"o": overview, "days": days}, block="live")
+
+
+@router.post("/projects/{project_id}/admin/users/{user_id}/active", include_in_schema=False)
+def admin_set_active(
+    project_id: int, user_id: int, db: Db, _admin: AdminUser, active: Annotated[bool, Form()]
+) -> Response:
+    """Pause or resume an annotator from the project's admin page."""
+    users.set_active(db, user_id, active)
+    return RedirectResponse(f"/projects/{project_id}/admin#annotators", status_code=303)
+
+
+def _parse_answer(raw: str) -> Any:
+    """The form's answer box: JSON (`12`, `"tie"`, `[3, [1, 2]]`), or a bare `tie`; empty
+    means "not gold any more"."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    if raw.lower() == "tie":
+        return "tie"
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise InvalidInput(
+            "the answer must be a completion id, tie, or a JSON ranking like [12, [13, 14]]"
+        ) from None
+
+
+@router.post("/projects/{project_id}/admin/gold", include_in_schema=False)
+def admin_set_gold(
+    project_id: int,
+    db: Db,
+    _admin: AdminUser,
+    task_id: Annotated[int, Form()],
+    answer: Annotated[str, Form()] = "",
+) -> Response:
+    gold.mark(db, task_id, _parse_answer(answer), project_id=project_id)
+    return RedirectResponse(f"/projects/{project_id}/admin#gold", status_code=303)
