@@ -388,3 +388,32 @@ def test_the_training_worker_never_claims_webhook_deliveries(db):
     webhooks.register(db, project.id, "https://example.test/w", ["snapshot.created"], secret=SECRET)
     webhooks.emit(db, project.id, "snapshot.created", {"snapshot_id": 1})
     assert jobs.claim(db, "trainer", utcnow(), jobs.TRAINING_KINDS) is None
+
+
+def test_new_judgments_are_batched_into_one_delivery_per_poll(db):
+    from app.models import Judgment
+    from tests.factories import make_prompt, make_task
+
+    project = make_project(db)
+    webhooks.register(db, project.id, "https://example.test/j", ["judgment.created"], secret=SECRET)
+    ann = make_user(db, Role.annotator)
+    made = []
+    for _ in range(3):
+        task = make_task(db, project, make_prompt(db, project, ["a", "b"]))
+        a, b = task.completion_ids
+        judgment = Judgment(
+            project_id=project.id,
+            task_id=task.id,
+            user_id=ann.id,
+            ranking=[[a], [b]],
+            display_order=[a, b],
+        )
+        db.add(judgment)
+        db.flush()
+        made.append(judgment.id)
+
+    assert webhooks.emit_new_judgments(db) == 3
+    [delivery] = db.query(Job).filter_by(kind="webhook").all()
+    assert json.loads(delivery.params["body"])["data"] == {"judgment_ids": made}
+    assert webhooks.emit_new_judgments(db) == 0  # the cursor moved: nothing is sent twice
+    assert db.query(Job).filter_by(kind="webhook").count() == 1

@@ -207,6 +207,8 @@ def main(
                         log.warning("job %s had a stale heartbeat: now %s", job.id, job.state.value)
                 if job_id is None:
                     _schedule(factory)
+                    with transaction(factory) as session:
+                        webhooks.emit_new_judgments(session)
                     webhooks.run_due(factory, utcnow(), worker_id=me)
                 with transaction(factory) as session:
                     claimed = jobs.claim(

@@ -103,6 +103,8 @@ HF_DATA_FILE = "data-00000-of-00001.arrow"
 
 _compact = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 """JSON as every JSONL line is written: UTF-8 (not \\u-escaped), no spaces."""
+_escape = json.encoder.encode_basestring
+"""The C string escaper that JSONEncoder(ensure_ascii=False) uses, for the pairs fast path."""
 
 # Column name → kind. The kind decides the Arrow type and how CSV / Parquet flatten it:
 # "json" columns are free-form objects (different keys per row), so CSV and Parquet carry them
@@ -639,9 +641,12 @@ def _stream(
 def _pairs_jsonl(
     session: Session, project_id: int, selection: Selection, ties: bool
 ) -> Iterator[bytes]:
-    """The hot path: pairs as JSONL, batches read ahead in a worker thread."""
-    batches = _prefetch(_batches(session, project_id, selection, "pairs"))
-    return _chunked(_pair_lines(batches, ties))
+    """The hot path: pairs as JSONL, a batch at a time, batches read ahead in a worker
+    thread."""
+    for batch in _prefetch(_batches(session, project_id, selection, "pairs")):
+        text = _pair_text(batch, ties)
+        if text:
+            yield text.encode("utf-8")
 
 
 class _Failed:
@@ -1109,73 +1114,94 @@ def _margin(strength: int | None, distance: int, tie: bool) -> int:
 
 
 def _pair_rows(r: Any, batch: _Batch, ties: bool) -> Iterator[dict[str, Any]]:
-    prompt = batch.prompts[r.prompt_id]
-    created_at = iso(r.created_at)
-    for better, worse, distance, tie in _pairs_of(r.ranking, r.none_acceptable, ties):
+    jid, task_id, user_id, ranking, none_acceptable, strength, created, pid = r
+    prompt = batch.prompts[pid]
+    created_at = iso(created)
+    for better, worse, distance, tie in _pairs_of(ranking, none_acceptable, ties):
         yield {
             "prompt": prompt.text,
             "prompt_messages": prompt.messages,
             "chosen": batch.texts[better],
             "rejected": batch.texts[worse],
-            "margin": _margin(r.strength, distance, tie),
+            "margin": _margin(strength, distance, tie),
             "tie": tie,
             "prompt_id": prompt.external_id,
             "chosen_id": better,
             "rejected_id": worse,
-            "task_id": r.task_id,
-            "judgment_id": r.id,
-            "annotator": batch.users[r.user_id],
-            "strength": r.strength,
+            "task_id": task_id,
+            "judgment_id": jid,
+            "annotator": batch.users[user_id],
+            "strength": strength,
             "rank_distance": distance,
             "created_at": created_at,
             "metadata": dict(prompt.metadata),
         }
 
 
-def _pair_lines(batches: Iterable[_Batch], ties: bool) -> Iterator[str]:
-    """The pairs shape as JSONL lines, built from JSON fragments: each prompt's and each
-    completion's text is escaped once per batch instead of once per row. Byte for byte what
-    encoding :func:`_pair_rows`' dicts gives (a test holds the two together); the export's
-    hot path, about three times faster than building and encoding a dict per row."""
-    esc = json.encoder.encode_basestring  # the C escaper, as JSONEncoder(ensure_ascii=False)
-    for batch in batches:
-        escaped: dict[int, str] = {}
-        prompts, texts, users = batch.prompts, batch.texts, batch.users
-        # Unpacked in _statement's column order: tuple unpacking is cheaper than attributes.
-        for jid, task_id, user_id, ranking, none_acceptable, strength, created, pid in batch.rows:
-            if len(ranking) == 2 and len(ranking[0]) == 1 and len(ranking[1]) == 1:
-                if none_acceptable:
-                    continue
-                pairs = [(ranking[0][0], ranking[1][0], 1, False)]  # as _pairs_of, inlined
-            else:
-                pairs = _pairs_of(ranking, none_acceptable, ties)
-                if not pairs:
-                    continue
-            prompt = prompts[pid]
-            if prompt.head is None:
-                messages = "null" if prompt.messages is None else _compact(prompt.messages)
-                prompt.head = f'{{"prompt":{esc(prompt.text)},"prompt_messages":{messages},'
-                prompt.tail = f',"metadata":{_compact(prompt.metadata)}}}\n'
-                prompt.ext = esc(prompt.external_id)
-            judged = (
-                f'"task_id":{task_id},"judgment_id":{jid},"annotator":{esc(users[user_id])},'
-                f'"strength":{"null" if strength is None else strength},'
-                f'"rank_distance":'
+def _pair_text(batch: _Batch, ties: bool) -> str:
+    """One batch of the pairs shape as JSONL, built from JSON fragments: each prompt's and
+    each completion's text is escaped once per batch instead of once per row, and a whole
+    batch is one string. Byte for byte what encoding :func:`_pair_rows`' dicts gives (a test
+    holds the two together); the export's hot loop, several times faster than building and
+    encoding a dict per row."""
+    esc = _escape
+    escaped: dict[int, str] = {}
+    names: dict[int, str] = {}
+    prompts, texts = batch.prompts, batch.texts
+    lines: list[str] = []
+    add = lines.append
+    # Unpacked in _statement's column order: tuple unpacking is cheaper than attributes.
+    for jid, task_id, user_id, ranking, none_acceptable, strength, created, pid in batch.rows:
+        if none_acceptable:
+            continue
+        prompt = prompts[pid]
+        if prompt.head is None:
+            messages = "null" if prompt.messages is None else _compact(prompt.messages)
+            prompt.head = f'{{"prompt":{esc(prompt.text)},"prompt_messages":{messages},'
+            prompt.tail = f',"metadata":{_compact(prompt.metadata)}}}\n'
+            prompt.ext = esc(prompt.external_id)
+        annotator = names.get(user_id)
+        if annotator is None:
+            annotator = names[user_id] = esc(batch.users[user_id])
+        created = iso(created)
+        null_strength = strength is None
+        if len(ranking) == 2 and len(ranking[0]) == 1 and len(ranking[1]) == 1:
+            # The plain pairwise verdict: one pair at rank distance 1, in one f-string.
+            better, worse = ranking[0][0], ranking[1][0]
+            chosen = escaped.get(better)
+            if chosen is None:
+                chosen = escaped[better] = esc(texts[better])
+            rejected = escaped.get(worse)
+            if rejected is None:
+                rejected = escaped[worse] = esc(texts[worse])
+            add(
+                f'{prompt.head}"chosen":{chosen},"rejected":{rejected},'
+                f'"margin":{1 if null_strength else strength},"tie":false,'
+                f'"prompt_id":{prompt.ext},"chosen_id":{better},"rejected_id":{worse},'
+                f'"task_id":{task_id},"judgment_id":{jid},"annotator":{annotator},'
+                f'"strength":{"null" if null_strength else strength},"rank_distance":1,'
+                f'"created_at":"{created}"{prompt.tail}'
             )
-            tail = f',"created_at":"{iso(created)}"{prompt.tail}'
-            for better, worse, distance, tie in pairs:
-                chosen = escaped.get(better)
-                if chosen is None:
-                    chosen = escaped[better] = esc(texts[better])
-                rejected = escaped.get(worse)
-                if rejected is None:
-                    rejected = escaped[worse] = esc(texts[worse])
-                margin = 0 if tie else (distance if strength is None else strength)
-                yield (
-                    f'{prompt.head}"chosen":{chosen},"rejected":{rejected},"margin":{margin},'
-                    f'"tie":{"true" if tie else "false"},"prompt_id":{prompt.ext},'
-                    f'"chosen_id":{better},"rejected_id":{worse},{judged}{distance}{tail}'
-                )
+            continue
+        judged = (
+            f'"task_id":{task_id},"judgment_id":{jid},"annotator":{annotator},'
+            f'"strength":{"null" if null_strength else strength},"rank_distance":'
+        )
+        tail = f',"created_at":"{created}"{prompt.tail}'
+        for better, worse, distance, tie in _pairs_of(ranking, none_acceptable, ties):
+            chosen = escaped.get(better)
+            if chosen is None:
+                chosen = escaped[better] = esc(texts[better])
+            rejected = escaped.get(worse)
+            if rejected is None:
+                rejected = escaped[worse] = esc(texts[worse])
+            add(
+                f'{prompt.head}"chosen":{chosen},"rejected":{rejected},'
+                f'"margin":{_margin(strength, distance, tie)},'
+                f'"tie":{"true" if tie else "false"},"prompt_id":{prompt.ext},'
+                f'"chosen_id":{better},"rejected_id":{worse},{judged}{distance}{tail}'
+            )
+    return "".join(lines)
 
 
 def _ranking_row(judged: Sequence[Any], batch: _Batch) -> dict[str, Any]:

@@ -215,6 +215,43 @@ def emit_judgments(
     return emit(session, project_id, JUDGMENT_CREATED, {"judgment_ids": ids}, now=now)
 
 
+JUDGMENT_CURSOR = "webhooks_judgment_cursor"
+
+
+def emit_new_judgments(session: Session, *, now: datetime | None = None) -> int:
+    """Batch every judgment recorded since the last call into one ``judgment.created``
+    delivery per subscribed registration, per project; returns how many were batched.
+
+    The worker loop calls this every poll, so labeling's hot path never pays for webhooks and
+    a busy hour becomes a few deliveries. The cursor (the last batched judgment id) lives in
+    the project's settings and moves in the same transaction that queues the deliveries.
+    """
+    from app.models import Judgment  # local: keeps this module's imports about delivery
+
+    batched = 0
+    for project in session.scalars(select(Project).with_for_update(skip_locked=True)):
+        if not any(
+            h.get("active", True) and JUDGMENT_CREATED in h["events"] for h in hooks(project)
+        ):
+            continue
+        cursor = int((project.settings or {}).get(JUDGMENT_CURSOR, 0))
+        ids = list(
+            session.scalars(
+                select(Judgment.id)
+                .where(Judgment.project_id == project.id, Judgment.id > cursor)
+                .order_by(Judgment.id)
+                .limit(10_000)
+            )
+        )
+        if not ids:
+            continue
+        emit_judgments(session, project.id, ids, now=now)
+        project.settings = {**(project.settings or {}), JUDGMENT_CURSOR: ids[-1]}
+        batched += len(ids)
+    session.flush()
+    return batched
+
+
 def not_before(job: Job) -> datetime:
     raw = (job.params or {}).get("not_before")
     if not isinstance(raw, str):
