@@ -417,3 +417,14 @@ def test_new_judgments_are_batched_into_one_delivery_per_poll(db):
     assert json.loads(delivery.params["body"])["data"] == {"judgment_ids": made}
     assert webhooks.emit_new_judgments(db) == 0  # the cursor moved: nothing is sent twice
     assert db.query(Job).filter_by(kind="webhook").count() == 1
+
+
+def test_a_new_snapshot_emits_snapshot_created(db):
+    from app.services import snapshots
+
+    project = make_project(db)
+    webhooks.register(db, project.id, "https://example.test/s", ["snapshot.created"], secret=SECRET)
+    snap = snapshots.create(db, project.id, {}, created_by=None)
+    [delivery] = db.query(Job).filter_by(kind="webhook").all()
+    data = json.loads(delivery.params["body"])["data"]
+    assert data == {"snapshot_id": snap.id, "row_count": snap.row_count, "sha256": snap.sha256}

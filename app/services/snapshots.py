@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import NotFound
 from app.models import Judgment, Snapshot
-from app.services import export, projects
+from app.services import export, projects, webhooks
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ def create(
     )
     session.add(snapshot)
     session.flush()
+    webhooks.emit(
+        session,
+        project_id,
+        "snapshot.created",
+        {"snapshot_id": snapshot.id, "row_count": row_count, "sha256": sha256},
+    )
     return snapshot
 
 
