@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -185,7 +186,15 @@ def child(fmt: str, out: Path) -> None:
     )
 
 
+def settle() -> None:
+    """Flush the previous phase's file to disk before the next is timed, so no phase pays
+    for another's writeback (the files are about a gigabyte each)."""
+    os.sync()
+    time.sleep(2)
+
+
 def run_child(fmt: str, out: Path) -> dict[str, float]:
+    settle()
     done = subprocess.run(
         [sys.executable, __file__, "--child", fmt, "--out", str(out)],
         check=True,
@@ -219,6 +228,7 @@ def main() -> None:
     else:
         print(f"reusing {DB_NAME} ({have:,} judgments; --refill to rebuild)")
 
+    settle()
     base = baseline(args.dir / "baseline.copy")
     base_rate = base["rows"] / base["seconds"]
     header = f"{'what':<10} {'rows':>10} {'seconds':>8} {'CPU s':>6} {'rows/s':>10} {'MB out':>8}"

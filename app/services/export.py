@@ -1,10 +1,13 @@
 """Export judgments as preference datasets (pairs, rankings, raw) in JSONL, CSV, Parquet or a
 Hugging Face ``datasets`` directory.
 
-Everything streams in constant memory: judgments are read through a server-side cursor
-(``yield_per``) in batches, the completion texts of one batch are fetched with one query, and
-the encoders emit bytes chunk by chunk. Nothing here holds a whole project in memory (the
-``min_agreement`` filter keeps the set of passing task ids, one integer per task).
+Everything streams in constant memory: judgments are read through a server-side cursor in
+batches of BATCH_ROWS, the prompts, completion texts and usernames of one batch are fetched
+with one query each, and the encoders emit bytes batch by batch. Nothing here holds a whole
+project in memory (the ``min_agreement`` filter keeps the set of passing task ids, one
+integer per task). The pairs JSONL is the hot path (see "reading" below and
+bench/README.md): on Postgres it reads through a raw psycopg cursor, builds lines from
+pre-escaped JSON fragments, and reads the next batches in a worker thread meanwhile.
 
 Shapes
     ``pairs``     one row per (chosen, rejected) pair of a judgment: what TRL's RewardTrainer
@@ -917,12 +920,15 @@ def _pg_compile(session: Session, stmt: Any) -> tuple[str, Any, Callable[[Any], 
     json_at = [i for i, c in enumerate(columns) if isinstance(c.type, _JsonText)]
     created_at = names.index("created_at") if "created_at" in names else None
     row_type = _row_type(tuple(names))
-    if json_at == [3] and created_at == 6 and len(names) == 8:  # the pairs shape, unrolled
+    if json_at == [3] and created_at == 6 and len(names) == 8:
+        # The pairs shape, unrolled, as a plain tuple (its readers unpack it by position).
 
         def make_pair(r: Any) -> Any:
-            return row_type(r[0], r[1], r[2], _loads(r[3]), r[4], r[5], _pg_iso(r[6]), r[7])
+            return (r[0], r[1], r[2], _loads(r[3]), r[4], r[5], _pg_iso(r[6]), r[7])
 
         return str(compiled), compiled.params, make_pair
+    if not json_at and created_at is None:  # nothing to convert: psycopg's tuples as they are
+        return str(compiled), compiled.params, _same
     make_row = row_type._make
 
     def make_any(row: Any) -> Any:
@@ -935,6 +941,10 @@ def _pg_compile(session: Session, stmt: Any) -> tuple[str, Any, Callable[[Any], 
         return make_row(row)
 
     return str(compiled), compiled.params, make_any
+
+
+def _same(row: Any) -> Any:
+    return row
 
 
 def _pg_iso(text: str) -> str:
@@ -974,7 +984,11 @@ def _agreeing_tasks(session: Session, project_id: int, selection: Selection) -> 
 def _batches(
     session: Session, project_id: int, selection: Selection, shape: str
 ) -> Iterator[_Batch]:
-    """The selected judgments in export order, a batch at a time, with what they share."""
+    """The selected judgments in export order, a batch at a time, with what they share.
+
+    Rows are read by position: every shape's first eight columns are _statement's (id,
+    task_id, user_id, ranking, none_acceptable, strength, created_at, prompt_id), and on
+    Postgres the pairs shape's rows are plain tuples."""
     passing = (
         _agreeing_tasks(session, project_id, selection)
         if selection.min_agreement is not None
@@ -984,7 +998,7 @@ def _batches(
     stmt = _statement(project_id, selection, shape, postgres=_is_postgres(session))
     for batch in _judgment_batches(session, stmt):
         if passing is not None:
-            batch = [r for r in batch if r.task_id in passing]
+            batch = [r for r in batch if r[1] in passing]
         prompts = {
             int(pid): _Prompt(
                 ext, prompt_text(text, _messages(messages)), _messages(messages), meta or {}
@@ -999,16 +1013,14 @@ def _batches(
                     json_text(Prompt.metadata_, "metadata"),
                 ),
                 Prompt.id,
-                (r.prompt_id for r in batch),
+                (r[7] for r in batch),
             )
         }
         if selection.meta:
-            batch = [
-                r for r in batch if _meta_matches(prompts[r.prompt_id].metadata, selection.meta)
-            ]
+            batch = [r for r in batch if _meta_matches(prompts[r[7]].metadata, selection.meta)]
         if not batch:
             continue
-        wanted = {c for r in batch for group in r.ranking for c in group}
+        wanted = {c for r in batch for group in r[3] for c in group}
         if shape != "pairs":
             wanted |= {c for r in batch for c in r.completion_ids}
         texts = {
@@ -1017,7 +1029,7 @@ def _batches(
                 session, (Completion.id, Completion.text), Completion.id, wanted
             )
         }
-        unknown = {r.user_id for r in batch} - users.keys()
+        unknown = {r[2] for r in batch} - users.keys()
         users.update(
             (int(uid), name)
             for uid, name in _by_ids(session, (User.id, User.username), User.id, unknown)
