@@ -46,8 +46,12 @@ def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def _fail(exc: DomainError) -> None:
-    err_console.print(f"[red]error:[/red] {exc.message}")
-    for item in exc.details.get("errors", []) or []:
+    """Print the error; an upload's line errors are listed one per line instead of the
+    message's inline preview of the first few."""
+    errors = exc.details.get("errors") or []
+    headline = exc.message.split(". ", 1)[0] + "." if errors else exc.message
+    err_console.print(f"[red]error:[/red] {headline}")
+    for item in errors:
         err_console.print(f"  line {item.get('line')}: {item.get('error')}")
     raise typer.Exit(code=1)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -71,11 +74,38 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
+REQUEST_THREADS = 400
+"""Worker threads for sync routes and dependencies, per web process (anyio's default is 40)."""
+
+
+@asynccontextmanager
+async def _enough_threads(_app: FastAPI) -> AsyncIterator[None]:
+    """Let every in-flight request have a thread, so none can hold a DB connection while
+    queueing for one.
+
+    A request checks out its connection in the auth dependency (one thread hop) and uses it
+    again in the route (another hop). With anyio's 40 threads and 200 annotators at once,
+    all 40 threads ended up blocked waiting for a pooled connection while every connection
+    was held by a request waiting for a thread: pool timeouts after 30 s (bench/annotate.py).
+    With a thread for each request, connection holders always run on, and the pool, not the
+    thread limiter, is what queues. Idle threads cost next to nothing.
+    """
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = max(limiter.total_tokens, REQUEST_THREADS)
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app: engine, sessionmaker, templates, middleware, routes."""
     settings = settings or Settings()
     engine = make_engine(settings)
-    app = FastAPI(title="Prefloop", version="0.1.0", docs_url="/docs", openapi_url="/openapi.json")
+    app = FastAPI(
+        title="Prefloop",
+        version="0.1.0",
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        lifespan=_enough_threads,
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)

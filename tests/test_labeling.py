@@ -667,7 +667,7 @@ def test_the_app_gives_every_in_flight_request_a_thread(client):
     queueing for a thread, which deadlocked 200 annotators at once (bench/annotate.py)."""
     import anyio.to_thread
 
-    from app.routes.labeling import REQUEST_THREADS
+    from app.main import REQUEST_THREADS
 
     tokens = client.portal.call(
         lambda: anyio.to_thread.current_default_thread_limiter().total_tokens

@@ -10,11 +10,8 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import anyio.to_thread
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
@@ -25,28 +22,7 @@ from app.schemas import CandidateView, JudgmentIn, JudgmentOut, LeaseOut, Prompt
 from app.services import judgments, tasks
 from app.web import render
 
-REQUEST_THREADS = 400
-"""Worker threads for sync routes and dependencies, per web process (anyio's default is 40)."""
-
-
-@asynccontextmanager
-async def _enough_threads(_app: Any) -> AsyncIterator[None]:
-    """Let every in-flight request have a thread, so none can hold a DB connection while
-    queueing for one.
-
-    A request checks out its connection in the auth dependency (one thread hop) and uses it
-    again in the route (another hop). With anyio's 40 threads and 200 annotators at once,
-    all 40 threads ended up blocked waiting for a pooled connection while every connection
-    was held by a request waiting for a thread: pool timeouts after 30 s (bench/annotate.py).
-    With a thread for each request, connection holders always run on, and the pool, not the
-    thread limiter, is what queues. Idle threads cost next to nothing.
-    """
-    limiter = anyio.to_thread.current_default_thread_limiter()
-    limiter.total_tokens = max(limiter.total_tokens, REQUEST_THREADS)
-    yield
-
-
-router = APIRouter(tags=["labeling"], lifespan=_enough_threads)
+router = APIRouter(tags=["labeling"])
 LABELS = "ABCDEFGHI"
 """Candidates are shown as A, B, C … (at most 9, the largest ranking K)."""
 MAX_TIME_MS = 2**31 - 1

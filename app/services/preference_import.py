@@ -33,16 +33,17 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, InvalidInput, InvalidUpload, UploadTooLarge
+from app.errors import Conflict, InvalidInput, UploadTooLarge
 from app.models import Completion, Judgment, Prompt, Role, Task, TaskState, User, utcnow
 from app.services import projects, users
+from app.services.prompts import Problems, invalid_upload, jsonl_records
 from app.services.quality import EXTERNAL_KEY
 from app.settings import Settings
 
@@ -50,8 +51,6 @@ FIELDS = ("id", "prompt", "chosen", "rejected", "metadata")
 ASSISTANT = "\n\nAssistant:"
 IMPORTS_KEY = "preference_imports"
 """projects.settings key: one record per imported file (sha256, annotator, rows, time)."""
-MAX_ERRORS = 1000
-ERRORS_IN_MESSAGE = 5
 EXTERNAL_ID_MAX = 255
 _CHUNK = 500
 
@@ -83,17 +82,6 @@ class Preference:
     chosen: str
     rejected: str
     metadata: dict[str, Any]
-
-
-@dataclass
-class _Problems:
-    items: list[dict[str, Any]] = field(default_factory=list)
-    total: int = 0
-
-    def add(self, line: int, error: str) -> None:
-        self.total += 1
-        if len(self.items) < MAX_ERRORS:
-            self.items.append({"line": line, "error": error})
 
 
 # --- parsing (no database) ------------------------------------------------------------------
@@ -152,7 +140,7 @@ def _prompt_messages(value: Any, bad: Any) -> list[dict[str, str]] | None:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def validate(record: dict[str, Any], line: int, problems: _Problems) -> Preference | None:
+def validate(record: dict[str, Any], line: int, problems: Problems) -> Preference | None:
     """Check one row and split its prompt off; problems are added, the row returned if none."""
     before = problems.total
 
@@ -220,25 +208,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _jsonl_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            problems.add(line, "wrong encoding: the file must be UTF-8")
-            continue
-        except json.JSONDecodeError as exc:
-            problems.add(line, f"bad JSON: {exc.msg} (column {exc.colno})")
-            continue
-        if not isinstance(value, dict):
-            problems.add(line, "not an object: each line must be a JSON object")
-            continue
-        yield line, value
-
-
-def _parquet_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_records(data: bytes, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -261,13 +231,13 @@ def _parquet_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, di
             yield line, record
 
 
-def parse(filename: str, data: bytes, problems: _Problems) -> list[Preference]:
+def parse(filename: str, data: bytes, problems: Problems) -> list[Preference]:
     """Every valid row of the file; every problem goes into `problems`."""
     suffix = PurePath(filename or "").suffix.lower()
     if suffix not in (".jsonl", ".json", ".parquet"):
         problems.add(0, f"unsupported file type {filename!r}: upload .jsonl or .parquet")
         return []
-    reader = _parquet_records if suffix == ".parquet" else _jsonl_records
+    reader = _parquet_records if suffix == ".parquet" else jsonl_records
     data = data if suffix == ".parquet" else data.removeprefix(b"\xef\xbb\xbf")
     rows: list[Preference] = []
     prompt_of_id: dict[str, tuple[str | None, str | None, int]] = {}
@@ -288,17 +258,6 @@ def parse(filename: str, data: bytes, problems: _Problems) -> list[Preference]:
     if not seen and not problems.total:
         problems.add(0, "the file has no rows")
     return rows
-
-
-def _invalid(filename: str, problems: _Problems) -> InvalidUpload:
-    problems.items.sort(key=lambda item: item["line"])
-    shown = "; ".join(f"line {p['line']}: {p['error']}" for p in problems.items[:ERRORS_IN_MESSAGE])
-    more = problems.total - min(ERRORS_IN_MESSAGE, len(problems.items))
-    message = (
-        f"{filename or 'the file'}: {problems.total} problem(s), nothing was imported. {shown}"
-        + (f"; and {more} more" if more > 0 else "")
-    )
-    return InvalidUpload(message, problems.items)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -348,10 +307,10 @@ def import_file(
             f"this file was already imported into project {project_id} "
             f"(as {earlier.get('annotator')!r} at {earlier.get('at')})"
         )
-    problems = _Problems()
+    problems = Problems()
     rows = parse(filename, data, problems)
     if problems.total:
-        raise _invalid(filename, problems)
+        raise invalid_upload(filename, problems)
     user, created = _annotator(session, annotator)
     now = utcnow()
 
@@ -374,7 +333,7 @@ def import_file(
                     f"id {row.external_id!r} exists in this project with a different prompt",
                 )
     if problems.total:
-        raise _invalid(filename, problems)
+        raise invalid_upload(filename, problems)
     prompt_ids = {ext: pid for ext, (pid, _, _) in existing.items()}
     new_prompts: dict[str, Preference] = {}
     for row in rows:

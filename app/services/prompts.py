@@ -98,7 +98,7 @@ class Row:
 
 
 @dataclass
-class _Problems:
+class Problems:
     """Every error found, in the order found; only the first MAX_ERRORS are kept."""
 
     items: list[dict[str, Any]] = field(default_factory=list)
@@ -136,7 +136,7 @@ def import_upload(
             f"{filename or 'the file'} is {len(data):,} bytes; the limit is "
             f"{settings.max_upload_bytes:,} bytes (split the file and upload the parts)"
         )
-    problems = _Problems()
+    problems = Problems()
     rows = parse(filename, data, problems)
 
     _check_gold_rows(project, rows, problems)
@@ -150,7 +150,7 @@ def import_upload(
                     "(upload with upsert to update it)",
                 )
     if problems:
-        raise _invalid(filename, problems)
+        raise invalid_upload(filename, problems)
 
     new_rows = [row for row in rows if row.external_id not in existing]
     updated_rows = [row for row in rows if row.external_id in existing]
@@ -183,7 +183,7 @@ def import_upload(
 # --- parsing and validation (no database) -------------------------------------------------
 
 
-def parse(filename: str, data: bytes, problems: _Problems) -> list[Row]:
+def parse(filename: str, data: bytes, problems: Problems) -> list[Row]:
     """Parse and check every row of the file; problems go into `problems`, valid rows out."""
     fmt = FORMATS.get(PurePath(filename or "").suffix.lower())
     if fmt is None:
@@ -199,7 +199,7 @@ def parse(filename: str, data: bytes, problems: _Problems) -> list[Row]:
         if not data.strip():
             problems.add(0, "the file is empty")
             return []
-    records = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[fmt]
+    records = {"jsonl": jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[fmt]
     rows: list[Row] = []
     first_line: dict[str, int] = {}
     seen_any = False
@@ -221,7 +221,7 @@ def parse(filename: str, data: bytes, problems: _Problems) -> list[Row]:
     return rows
 
 
-def validate(record: dict[str, Any], line: int, problems: _Problems) -> Row | None:
+def validate(record: dict[str, Any], line: int, problems: Problems) -> Row | None:
     """Check one row (a dict in the JSONL shape); add each problem found, return the row if none."""
     before = problems.total
 
@@ -342,7 +342,7 @@ def _completion_errors(completions: list[Any]) -> Iterator[str]:
             first_seen[body] = n
 
 
-def _jsonl_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_records(data: bytes, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
     """JSON Lines: one object per line; blank lines are skipped."""
     if data.lstrip().startswith(b"["):
         try:
@@ -379,7 +379,7 @@ def _jsonl_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, dict
         yield line, value
 
 
-def _csv_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+def _csv_records(data: bytes, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
     """CSV with a header row; a record's line is the physical line it starts on."""
     for line, raw in enumerate(data.split(b"\n"), 1):
         try:
@@ -419,7 +419,7 @@ def _csv_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, dict[s
             yield line, record
 
 
-def _parquet_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_records(data: bytes, problems: Problems) -> Iterator[tuple[int, dict[str, Any]]]:
     """Parquet with the JSONL keys as columns (nested or as JSON strings); "line" = row number."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -445,7 +445,7 @@ def _parquet_records(data: bytes, problems: _Problems) -> Iterator[tuple[int, di
                 yield line, record
 
 
-def _columns_ok(names: list[str], line: int, problems: _Problems, what: str) -> bool:
+def _columns_ok(names: list[str], line: int, problems: Problems, what: str) -> bool:
     """Check a CSV header or Parquet schema; a bad one makes every row's errors noise."""
     ok = True
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -471,7 +471,7 @@ def _columns_ok(names: list[str], line: int, problems: _Problems, what: str) -> 
     return ok
 
 
-def _from_columns(values: dict[str, Any], line: int, problems: _Problems) -> dict[str, Any] | None:
+def _from_columns(values: dict[str, Any], line: int, problems: Problems) -> dict[str, Any] | None:
     """A CSV/Parquet record in the JSONL shape: JSON-string cells decoded, blanks dropped."""
     record: dict[str, Any] = {}
     numbered: list[tuple[int, Any]] = []
@@ -543,7 +543,7 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _invalid(filename: str, problems: _Problems) -> InvalidUpload:
+def invalid_upload(filename: str, problems: Problems) -> InvalidUpload:
     problems.items.sort(key=lambda item: item["line"])
     shown = "; ".join(f"line {p['line']}: {p['error']}" for p in problems.items[:ERRORS_IN_MESSAGE])
     more = problems.total - min(ERRORS_IN_MESSAGE, len(problems.items))
@@ -559,7 +559,7 @@ def _invalid(filename: str, problems: _Problems) -> InvalidUpload:
     return InvalidUpload(message, problems.items)
 
 
-def _check_gold_rows(project: Project, rows: list[Row], problems: _Problems) -> None:
+def _check_gold_rows(project: Project, rows: list[Row], problems: Problems) -> None:
     """A gold task is exactly its row's completions, so their number must suit the project."""
     want = 2 if project.mode is ProjectMode.pairwise else project.candidates_per_task
     for row in rows:
