@@ -203,7 +203,18 @@ class Task(Base):
     """What one annotator judges once; needs `required_judgments` distinct annotators."""
 
     __tablename__ = "tasks"
-    __table_args__ = (Index("ix_tasks_project_state", "project_id", "state"),)
+    __table_args__ = (
+        Index("ix_tasks_project_state", "project_id", "state"),
+        # The claim's candidate window: open tasks of a project in strategy-key order.
+        Index(
+            "ix_tasks_claim_order",
+            "project_id",
+            "state",
+            "judgment_count",
+            "priority",
+            "id",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
@@ -218,6 +229,45 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     prompt: Mapped[Prompt] = relationship()
+
+
+class CompletionScore(Base):
+    """A reward model's score of one completion (the worker writes them after training and
+    after generating): the basis of model-in-the-loop task ordering and predicted win rates."""
+
+    __tablename__ = "completion_scores"
+
+    model_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    completion_id: Mapped[int] = mapped_column(
+        ForeignKey("completions.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    score: Mapped[float] = mapped_column(Float)
+
+
+class TaskPrediction(Base):
+    """The current reward models' view of one task, for the active-learning strategies.
+
+    `uncertainty` is |p - 0.5| for the task's closest pair of candidates under the main
+    reward model (0: a coin flip); `disagreement` the largest |p_main - p_heldout| over its
+    pairs (None without a held-out model). One row per task, replaced on every rescoring.
+    """
+
+    __tablename__ = "task_predictions"
+
+    task_id: Mapped[int] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    reward_model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
+    heldout_model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
+    uncertainty: Mapped[float] = mapped_column(Float)
+    disagreement: Mapped[float | None] = mapped_column(Float)
+    scored_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Lease(Base):
