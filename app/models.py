@@ -205,7 +205,8 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         Index("ix_tasks_project_state", "project_id", "state"),
-        # The claim's candidate window: open tasks of a project in strategy-key order.
+        # The claim's candidate window: a project's open tasks by (judgment_count, priority,
+        # id), all descending, read as a backward scan of this index.
         Index(
             "ix_tasks_claim_order",
             "project_id",

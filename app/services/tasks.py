@@ -113,7 +113,7 @@ def _window() -> Subquery:
             Task.judgment_count < Task.required_judgments,
             Task.id.not_in(bindparam("tried", expanding=True)),
         )
-        .order_by(Task.judgment_count.desc(), Task.priority.desc(), Task.id)
+        .order_by(Task.judgment_count.desc(), Task.priority.desc(), Task.id.desc())
         .limit(bindparam("window", type_=Integer))
         .subquery()
     )
@@ -139,7 +139,7 @@ def _candidates_statement() -> tuple[Select[Any], Select[Any]]:
             ~judged,
             ~skipped,
         )
-        .order_by(window.c.judgment_count.desc(), window.c.priority.desc(), window.c.id)
+        .order_by(window.c.judgment_count.desc(), window.c.priority.desc(), window.c.id.desc())
         .limit(bindparam("batch", type_=Integer))
     )
     return eligible, select(window.c.id)
