@@ -4,9 +4,10 @@ importing existing preference data."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
 from app.deps import AdminUser, Db, ExportUser, SettingsDep
@@ -39,6 +40,38 @@ def parse_ties(ties: str) -> bool:
     return ties == "keep"
 
 
+@dataclasses.dataclass(frozen=True)
+class FileRequest:
+    """What a dataset download asks for: its shape, its file format, and tied pairs or not."""
+
+    shape: str
+    fmt: str
+    keep_ties: bool
+
+    PARAMS = frozenset({"shape", "format", "ties"})
+
+
+def file_request(
+    shape: Annotated[str, Query(description="pairs, rankings or raw")] = "pairs",
+    fmt: Annotated[
+        str, Query(alias="format", description="jsonl, csv, parquet or hf (a .tar.gz)")
+    ] = "jsonl",
+    ties: Annotated[str, Query(description="pairs: drop (default) or keep tied pairs")] = "drop",
+) -> FileRequest:
+    return FileRequest(shape, fmt, parse_ties(ties))
+
+
+FileChoice = Annotated[FileRequest, Depends(file_request)]
+
+
+def attachment(chunks: Iterator[bytes], fmt: str, filename: str) -> StreamingResponse:
+    return StreamingResponse(
+        chunks,
+        media_type=export.media_type(fmt),
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
 @router.get(
     "/api/v1/projects/{project_id}/export",
     response_class=StreamingResponse,
@@ -49,11 +82,7 @@ def download(
     project_id: int,
     user: ExportUser,
     db: Db,
-    shape: Annotated[str, Query(description="pairs, rankings or raw")] = "pairs",
-    fmt: Annotated[
-        str, Query(alias="format", description="jsonl, csv, parquet or hf (a .tar.gz)")
-    ] = "jsonl",
-    ties: Annotated[str, Query(description="pairs: drop (default) or keep tied pairs")] = "drop",
+    file: FileChoice,
     since: Annotated[str | None, Query(description="ISO date/datetime, inclusive")] = None,
     until: Annotated[
         str | None, Query(description="ISO datetime exclusive; a bare date includes that day")
@@ -84,18 +113,13 @@ def download(
     chunks = export.stream(
         request.app.state.sessionmaker,
         project_id,
-        shape=shape,
-        fmt=fmt,
-        filters=filters_from_query(request, skip={"shape", "format", "ties"}),
+        shape=file.shape,
+        fmt=file.fmt,
+        filters=filters_from_query(request, skip=set(FileRequest.PARAMS)),
         session=db,
-        ties=parse_ties(ties),
+        ties=file.keep_ties,
     )
-    name = export.filename(project_id, shape, fmt)
-    return StreamingResponse(
-        chunks,
-        media_type=export.media_type(fmt),
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
+    return attachment(chunks, file.fmt, export.filename(project_id, file.shape, file.fmt))
 
 
 @router.get("/projects/{project_id}/export", include_in_schema=False)

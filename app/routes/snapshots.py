@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import Db, ExportUser
 from app.errors import InvalidInput
-from app.routes.export import parse_ties
+from app.routes.export import FileChoice, FileRequest, attachment
 from app.services import export, projects, snapshots
 from app.web import render
 
@@ -62,14 +62,10 @@ def export_snapshot(
     snapshot_id: int,
     db: Db,
     user: ExportUser,
-    shape: Annotated[str, Query(description="pairs, rankings or raw")] = "pairs",
-    fmt: Annotated[
-        str, Query(alias="format", description="jsonl, csv, parquet or hf (a .tar.gz)")
-    ] = "jsonl",
-    ties: Annotated[str, Query(description="pairs: drop (default) or keep tied pairs")] = "drop",
+    file: FileChoice,
 ) -> Response:
     """The snapshot as a file; the same request always returns the same bytes."""
-    unknown = sorted(set(request.query_params) - {"shape", "format", "ties"})
+    unknown = sorted(set(request.query_params) - FileRequest.PARAMS)
     if unknown:
         raise InvalidInput(
             f"unknown parameter(s) {', '.join(unknown)}: a snapshot's filters are fixed",
@@ -77,15 +73,13 @@ def export_snapshot(
         )
     snapshot = snapshots.get(db, snapshot_id)
     chunks = snapshots.stream(
-        request.app.state.sessionmaker, snapshot, shape=shape, fmt=fmt, ties=parse_ties(ties)
+        request.app.state.sessionmaker,
+        snapshot,
+        shape=file.shape,
+        fmt=file.fmt,
+        ties=file.keep_ties,
     )
-    return StreamingResponse(
-        chunks,
-        media_type=export.media_type(fmt),
-        headers={
-            "Content-Disposition": f'attachment; filename="{snapshots.filename(snapshot, shape, fmt)}"'
-        },
-    )
+    return attachment(chunks, file.fmt, snapshots.filename(snapshot, file.shape, file.fmt))
 
 
 # --- pages ------------------------------------------------------------------------------
