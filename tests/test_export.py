@@ -583,6 +583,19 @@ def test_export_page_roles(client, db: Session, labeled: dict[str, Any]) -> None
     assert client.get("/projects/987654/export", headers=admin | as_json).status_code == 404
 
 
+def test_export_page_title_and_import_section(client, db: Session, labeled: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """The import help is page content for admins only, never part of the <title>."""
+    project = labeled["project"]
+    url = f"/projects/{project.id}/export"
+    admin_page = client.get(url, headers=make_token(db, make_user(db, Role.admin))).text
+    title = admin_page.split("<title>", 1)[1].split("</title>", 1)[0]
+    assert title == f"Export · {project.name} · Prefloop"
+    body = admin_page.split("</title>", 1)[1]
+    assert body.count("Import preference data") == 1
+    researcher = make_token(db, make_user(db, Role.researcher))
+    assert "Import preference data" not in client.get(url, headers=researcher).text
+
+
 def test_export_page_forbidden_as_html(client, db: Session, labeled: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     url = f"/projects/{labeled['project'].id}/export"
     resp = client.get(url, headers=make_token(db, make_user(db, Role.annotator)))
