@@ -49,6 +49,10 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 MAX_CURVE_POINTS = 200  # train_curve is subsampled to at most this many points
 MEGABATCH_FACTOR = 50  # length grouping sorts within windows of this many batches (as HF does)
 SCORE_CHUNK = 32  # completions per forward pass when scoring on demand
+LOSS_SYNC_S = 0.5
+"""On an accelerator the step loss is copied to the host at most this often (and at the last
+step): `.item()` waits for the device, and waiting every step stops the host from preparing
+the next batch while the device works. Steps in between report the last copied loss."""
 
 
 @dataclass(frozen=True)
@@ -261,9 +265,9 @@ class ForwardChunk:
     def to(self, device: torch.device) -> ForwardChunk:
         types = self.token_type_ids
         return ForwardChunk(
-            self.input_ids.to(device, non_blocking=True),
-            self.attention_mask.to(device, non_blocking=True),
-            None if types is None else types.to(device, non_blocking=True),
+            _to_device(self.input_ids, device),
+            _to_device(self.attention_mask, device),
+            None if types is None else _to_device(types, device),
         )
 
     def model_inputs(self) -> dict[str, Tensor]:
@@ -271,6 +275,14 @@ class ForwardChunk:
         if self.token_type_ids is not None:
             inputs["token_type_ids"] = self.token_type_ids
         return inputs
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A copy on `device`; to CUDA from page-locked memory, so the copy runs asynchronously
+    (from pageable memory a "non-blocking" copy waits for the host side)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @dataclass(frozen=True)
@@ -293,12 +305,12 @@ class RewardBatch:
     def to(self, device: torch.device) -> RewardBatch:
         return RewardBatch(
             chunks=[c.to(device) for c in self.chunks],
-            inverse=self.inverse.to(device, non_blocking=True),
-            better=self.better.to(device, non_blocking=True),
-            worse=self.worse.to(device, non_blocking=True),
-            target=self.target.to(device, non_blocking=True),
-            margin=self.margin.to(device, non_blocking=True),
-            group=self.group.to(device, non_blocking=True),
+            inverse=_to_device(self.inverse, device),
+            better=_to_device(self.better, device),
+            worse=_to_device(self.worse, device),
+            target=_to_device(self.target, device),
+            margin=_to_device(self.margin, device),
+            group=_to_device(self.group, device),
             num_groups=self.num_groups,
         )
 
@@ -668,7 +680,9 @@ def train_reward(
     lengths = [g.length for g in train_set]
 
     history: list[dict[str, Any]] = []
-    curve: list[dict[str, float]] = []
+    curve_losses: list[tuple[int, Tensor]] = []  # copied to the host once, after training
+    async_device = device.type != "cpu"
+    step_loss, synced_at = float("nan"), time.perf_counter()
     curve_every = max(1, total_steps // MAX_CURVE_POINTS)
     step, pairs_seen, completions_seen, tokens_seen, padded_seen = 0, 0, 0, 0, 0
     train_time, train_cpu = 0.0, 0.0  # wall and process CPU seconds in the training loop
@@ -714,11 +728,14 @@ def train_reward(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_loss = accelerator.reduce(window_loss, reduction="mean").item()
+            loss_on_device = accelerator.reduce(window_loss, reduction="mean")
             window_loss = torch.zeros((), device=device)
-            elapsed = train_time + time.perf_counter() - epoch_start
+            now = time.perf_counter()
+            if not async_device or step == total_steps or now - synced_at >= LOSS_SYNC_S:
+                step_loss, synced_at = loss_on_device.item(), now
+            elapsed = train_time + now - epoch_start
             if step % curve_every == 0 or step == total_steps:
-                curve.append({"step": step, "loss": step_loss})
+                curve_losses.append((step, loss_on_device))
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if on_progress is not None and is_main:
@@ -739,6 +756,14 @@ def train_reward(
         )
         history.append({"epoch": epoch + 1, "step": step, **metrics})
     bar.close()
+    curve = [
+        {"step": at, "loss": value}
+        for (at, _), value in zip(
+            curve_losses,
+            torch.stack([t for _, t in curve_losses]).tolist() if curve_losses else [],
+            strict=True,
+        )
+    ]
 
     pairs_total = int(accelerator.reduce(torch.tensor(pairs_seen, device=device), "sum").item())
     result: dict[str, Any] = {
