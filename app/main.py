@@ -21,6 +21,7 @@ from app.routes import (
     api_tokens,
     auth,
     export,
+    iterations,
     jobs,
     labeling,
     loop,
@@ -123,6 +124,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     routers = (ops, auth, api_tokens, projects, labeling, export, jobs, models, users, admin)
-    for module in (*routers, quality, snapshots, loop, webhooks):
+    for module in (*routers, quality, snapshots, loop, webhooks, iterations):
         app.include_router(module.router)
     return app

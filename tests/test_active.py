@@ -10,11 +10,15 @@ import pytest
 from app.domain.active import (
     DEFAULT_RANDOM_SHARE,
     AssignmentStrategy,
+    TaskView,
+    closest_pair_uncertainty,
     disagreement_order,
     is_random_slot,
+    largest_disagreement,
     mix_random,
     preference_probability,
     strategy_settings,
+    task_prediction,
     uncertainty_order,
 )
 from app.domain.assignment import Candidate
@@ -149,3 +153,42 @@ def test_empty_batch_gives_empty_order():
 )
 def test_strategy_settings(settings, expected):
     assert strategy_settings(settings) == expected
+
+
+# --- a task's prediction from its candidates' scores ------------------------------------------
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_pair_uncertainty_is_the_distance_of_p_from_a_coin_flip():
+    assert closest_pair_uncertainty([1.0, 0.0]) == pytest.approx(sig(1.0) - 0.5)
+    assert closest_pair_uncertainty([0.0, 1.0]) == pytest.approx(sig(1.0) - 0.5)  # symmetric
+    assert closest_pair_uncertainty([3.0, 3.0]) == 0.0
+
+
+def test_ranking_uncertainty_is_that_of_the_closest_pair():
+    # pairs: (0,1) gap 2.0, (0,2) gap 0.25, (1,2) gap 2.25 -> the closest pair decides
+    assert closest_pair_uncertainty([0.0, 2.0, -0.25]) == pytest.approx(sig(0.25) - 0.5)
+
+
+def test_disagreement_is_the_largest_gap_between_the_models_over_pairs():
+    main, heldout = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    # pair (0,1): main sig(1), held-out sig(-1) -> gap sig(1) - sig(-1), the largest;
+    # pair (0,2): sig(1) vs sig(0); pair (1,2): sig(0) vs sig(1)
+    assert largest_disagreement(main, heldout) == pytest.approx(sig(1) - sig(-1))
+    assert largest_disagreement([2.0, 1.0], [5.0, 4.0]) == pytest.approx(0.0)  # same margin
+
+
+def test_task_prediction_with_and_without_a_heldout_model():
+    assert task_prediction([0.5, 0.0]) == TaskView(pytest.approx(sig(0.5) - 0.5), None)
+    view = task_prediction([0.5, 0.0], [0.0, 0.5])
+    assert view.disagreement == pytest.approx(sig(0.5) - sig(-0.5))
+
+
+def test_task_prediction_refuses_malformed_inputs():
+    with pytest.raises(ValueError, match="at least two"):
+        task_prediction([1.0])
+    with pytest.raises(ValueError, match="2 main scores but 3 held-out"):
+        task_prediction([1.0, 0.0], [1.0, 0.0, 2.0])

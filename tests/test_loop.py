@@ -279,6 +279,8 @@ def test_loop_settings_validate_and_merge(db: Session) -> None:
         "reward_params": {},
         "ppo_params": {},
         "generate_params": {},
+        "assignment_strategy": "default",
+        "random_share": 0.2,
     }
     got = chaining.update_loop(
         db, project.id, {"reward_every_n_judgments": 50, "ppo_params": {"total_steps": 5}}
@@ -412,6 +414,8 @@ def test_loop_api_roles_and_validation(client, db: Session) -> None:  # type: ig
         "reward_params": {},
         "ppo_params": {"lr": 1e-4},
         "generate_params": {},
+        "assignment_strategy": "default",
+        "random_share": 0.2,
     }
     assert client.get(url, headers=admin).json() == put.json()
     db.refresh(project)

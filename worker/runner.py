@@ -35,8 +35,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import read_only, transaction
 from app.errors import DomainError
 from app.models import Job, ModelKind, ModelVersion
-from app.services import chaining, generation, jobs, model_registry, projects, training_data
+from app.services import (
+    chaining,
+    generation,
+    jobs,
+    model_registry,
+    predictions,
+    projects,
+    training_data,
+)
 from app.settings import Settings
+from worker import predict
 
 Report = Callable[[dict[str, Any]], None]
 ShouldStop = Callable[[], bool]
@@ -402,6 +411,17 @@ def run_reward(
                 raise JobError(str(exc)) from exc
             results.append(json_safe({**metrics, "data": part.data}))
 
+        # --- model in the loop (worker/predict.py): score the open tasks with the new models
+        # while the job still runs; stored after it succeeded, never failing it.
+        scoring = predict.for_reward(
+            factory,
+            job.project_id,
+            [predict.ScoringModel(part.role, str(part.out_dir)) for part in parts],
+            report=report,
+            should_stop=should_stop,
+        )
+        # --- end model in the loop
+
         report({"stage": "registering"})
         with transaction(factory) as session:
             models: list[ModelVersion] = []
@@ -434,6 +454,7 @@ def run_reward(
                     "data": heldout["data"],
                 }
                 final["heldout_model_version_id"] = models[1].id
+            final[predictions.METRICS_KEY] = json_safe(scoring.summary)  # model in the loop
             chained = chaining.after_success(
                 session,
                 kind=jobs.REWARD,
@@ -454,6 +475,15 @@ def run_reward(
         for part in parts:
             shutil.rmtree(part.out_dir, ignore_errors=True)
         raise
+    # --- model in the loop: the job has succeeded; store the scores, replace the predictions
+    predict.store(
+        factory,
+        job.id,
+        job.project_id,
+        scoring,
+        {part.role: model.id for part, model in zip(parts, models, strict=True)},
+    )
+    # --- end model in the loop
     return final
 
 
@@ -530,6 +560,18 @@ def run_generate(
         model, tokenizer, [p.prompt for p in prompts], config, on_progress=on_progress
     )
     samples = {p.id: texts for p, texts in zip(prompts, result.completions, strict=True)}
+    # --- model in the loop (worker/predict.py): score the samples with the project's reward
+    # models (and the policy's own) while the job still runs; stored after it succeeded.
+    del model  # the policy is done with: free its memory before loading the scorers
+    scoring = predict.for_generate(
+        factory,
+        job.project_id,
+        samples,
+        policy.reward_model_id if policy is not None else None,
+        report=report,
+        should_stop=should_stop,
+    )
+    # --- end model in the loop
     report({"stage": "storing"})
     metadata = {
         "job_id": job.id,
@@ -566,6 +608,7 @@ def run_generate(
             "tasks_created": stored.tasks_created,
             "generate_time_s": time.perf_counter() - start,
             "config": dataclasses.asdict(config),
+            predictions.METRICS_KEY: scoring.summary,  # model in the loop
         }
         jobs.finish(
             session,
@@ -574,6 +617,7 @@ def run_generate(
             worker_id=job.worker_id,
             progress={**last, "stage": "done", "step": len(prompts), "eta_s": 0.0},
         )
+    predict.store(factory, job.id, job.project_id, scoring)  # model in the loop
     return metrics
 
 

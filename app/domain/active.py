@@ -2,11 +2,17 @@
 
 These have the shape of `app.domain.assignment.Strategy` once their model predictions are bound
 (``lambda batch, rng: uncertainty_order(batch, predicted, rng, share)``; a ``functools.partial``
-with keywords would not do, since strategies are called positionally), so the claim code can
-swap them for `default_order` without other changes.
+with keywords would not do, since strategies are called positionally); the simulation in
+bench/active_learning.py runs them. The claim code (app.services.tasks) applies the same
+orders in SQL, to the `task_predictions` rows, so a claim never loads predictions into
+Python; there the random share is drawn per claim (a claim reads the default window with
+probability `random_share`), which gives the same share of random picks in expectation.
 
 A prediction is the current reward model's probability that the task's first candidate is
-preferred: ``sigmoid(score_a - score_b)`` (see `preference_probability`).
+preferred: ``sigmoid(score_a - score_b)`` (see `preference_probability`). A task of K > 2
+candidates is as uncertain as its closest pair (`closest_pair_uncertainty`) and as disputed as
+the pair the two models disagree on most (`largest_disagreement`); `task_prediction` turns a
+task's stored completion scores into both (app.services.predictions stores them).
 
 - uncertainty: tasks the model is least sure about (p closest to 0.5) first;
 - disagreement: tasks where the main and the held-out reward model disagree most first;
@@ -25,6 +31,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -53,6 +60,53 @@ def preference_probability(score_a: float, score_b: float) -> float:
         return 1.0 / (1.0 + math.exp(-margin))
     e = math.exp(margin)
     return e / (1.0 + e)
+
+
+def _pairs(n: int) -> list[tuple[int, int]]:
+    if n < 2:
+        raise ValueError(f"a task needs at least two scored candidates, got {n}")
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def closest_pair_uncertainty(scores: Sequence[float]) -> float:
+    """|p - 0.5| of the pair of candidates the model is least sure about (0: a coin flip).
+
+    p is monotone in the score margin, so this is the pair with the smallest |score gap|; a
+    ranking task is worth asking about when any two of its candidates are hard to tell apart.
+    """
+    return min(
+        abs(preference_probability(scores[i], scores[j]) - 0.5) for i, j in _pairs(len(scores))
+    )
+
+
+def largest_disagreement(main: Sequence[float], heldout: Sequence[float]) -> float:
+    """The largest |p_main - p_heldout| over the task's pairs: where the two models, trained
+    on separate prompts, disagree most about which candidate is better."""
+    if len(main) != len(heldout):
+        raise ValueError(f"{len(main)} main scores but {len(heldout)} held-out scores")
+    return max(
+        abs(
+            preference_probability(main[i], main[j])
+            - preference_probability(heldout[i], heldout[j])
+        )
+        for i, j in _pairs(len(main))
+    )
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What the strategies need of one task (a `task_predictions` row without its ids)."""
+
+    uncertainty: float
+    disagreement: float | None  # None: no held-out model scored every candidate
+
+
+def task_prediction(main: Sequence[float], heldout: Sequence[float] | None = None) -> TaskView:
+    """A task's uncertainty and disagreement from its candidates' scores (in the same order)."""
+    return TaskView(
+        uncertainty=closest_pair_uncertainty(main),
+        disagreement=largest_disagreement(main, heldout) if heldout is not None else None,
+    )
 
 
 def strategy_settings(settings: Mapping[str, Any] | None) -> tuple[AssignmentStrategy, float]:

@@ -1,4 +1,5 @@
-"""The RLHF loop's settings: retrain every N judgments, PPO after reward, generate after PPO."""
+"""The RLHF loop's settings: retrain every N judgments, PPO after reward, generate after PPO,
+and which tasks annotators get first (the active-learning strategy)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import AdminUser, Db
+from app.domain.active import AssignmentStrategy
 from app.services import chaining
 
 router = APIRouter(tags=["loop"])
@@ -26,6 +28,13 @@ class LoopSettings(BaseModel):
     generate_params: dict[str, Any] = Field(
         description="params of chained generate jobs (prompts default to heldout)"
     )
+    assignment_strategy: AssignmentStrategy = Field(
+        description="task order: default (partly judged, then priority), uncertainty (the "
+        "reward model's closest calls first) or disagreement (main vs held-out model)"
+    )
+    random_share: float = Field(
+        description="share of claims that ignore the strategy and use the default order"
+    )
 
 
 class LoopUpdate(BaseModel):
@@ -39,6 +48,8 @@ class LoopUpdate(BaseModel):
     reward_params: dict[str, Any] | None = None
     ppo_params: dict[str, Any] | None = None
     generate_params: dict[str, Any] | None = None
+    assignment_strategy: AssignmentStrategy | None = None
+    random_share: float | None = Field(default=None, ge=0, le=1)
 
 
 @router.get("/api/v1/projects/{project_id}/loop")

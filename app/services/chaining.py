@@ -6,9 +6,10 @@
 
 The settings live in the project's ``settings`` JSON (no schema change): the every-N reward
 schedule (``reward_every_n_judgments``, read by ``app.services.jobs``), two switches, and the
-params each chained job starts with. `after_success` is called by the worker inside the same
-transaction that registers a model and marks its job succeeded, so a chained job exists
-exactly when the job before it succeeded.
+params each chained job starts with, and the task assignment strategy with its random share
+(app.domain.active; ``null`` puts either back to its default). `after_success` is called by
+the worker inside the same transaction that registers a model and marks its job succeeded,
+so a chained job exists exactly when the job before it succeeded.
 
 This module also answers the loop's lineage questions — which reward model a PPO run trains
 against, which held-out partner guards it, which policy it starts from — so that the rules
@@ -23,9 +24,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.domain import active
 from app.errors import InvalidInput, NotFound
 from app.models import Job, ModelKind, ModelVersion, Project
-from app.services import jobs, projects
+from app.services import jobs, projects, winrate
 
 PPO_AFTER_REWARD = "ppo_after_reward"
 GENERATE_AFTER_POLICY = "generate_after_policy"
@@ -39,6 +41,8 @@ LOOP_KEYS = (
     REWARD_PARAMS,
     PPO_PARAMS,
     GENERATE_PARAMS,
+    active.STRATEGY_SETTING,
+    active.RANDOM_SHARE_SETTING,
 )
 CHAIN_TRIGGER = "chain"
 DEFAULT_GENERATE_PROMPTS = "heldout"
@@ -61,6 +65,7 @@ _CHAIN_OWNED = {
 def loop_settings(project: Project) -> dict[str, Any]:
     """The project's loop settings with defaults filled in (what GET /loop shows)."""
     stored = project.settings or {}
+    strategy, share = active.strategy_settings(stored)
     return {
         jobs.AUTO_REWARD_SETTING: jobs.reward_threshold(project),
         PPO_AFTER_REWARD: stored.get(PPO_AFTER_REWARD) is True,
@@ -68,6 +73,9 @@ def loop_settings(project: Project) -> dict[str, Any]:
         REWARD_PARAMS: dict(stored.get(REWARD_PARAMS) or {}),
         PPO_PARAMS: dict(stored.get(PPO_PARAMS) or {}),
         GENERATE_PARAMS: dict(stored.get(GENERATE_PARAMS) or {}),
+        # The task assignment strategy (app.domain.active), read by the claim code.
+        active.STRATEGY_SETTING: strategy.value,
+        active.RANDOM_SHARE_SETTING: share,
     }
 
 
@@ -84,6 +92,17 @@ def _check_loop_value(key: str, value: Any) -> Any:
                 f"{key} must be a whole number of at least 1, or null to turn it off"
             )
         return value
+    if key == active.STRATEGY_SETTING:
+        known = [s.value for s in active.AssignmentStrategy]
+        if value is not None and value not in known:
+            raise InvalidInput(f"{key} must be one of {', '.join(known)}, not {value!r}")
+        return active.AssignmentStrategy(value).value if value is not None else None
+    if key == active.RANDOM_SHARE_SETTING:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1
+        ):
+            raise InvalidInput(f"{key} must be a number from 0 to 1, not {value!r}")
+        return float(value) if value is not None else None
     if key in (PPO_AFTER_REWARD, GENERATE_AFTER_POLICY):
         if not isinstance(value, bool):
             raise InvalidInput(f"{key} must be true or false")
@@ -215,8 +234,9 @@ def ppo_inputs(
 
     Reward model: the one named, else the project's newest (non-held-out) reward model.
     Held-out model: the one named, else the reward model's partner when it has one (unless
-    `use_heldout` is False). Parent policy: the one named, else the project's newest policy,
-    else None (the packaged SmolLM2).
+    `use_heldout` is False). Parent policy: the one named, else the project's newest policy
+    that people did not judge worse than its parent — walking back the parent links past
+    rejected ones — else None (the packaged SmolLM2).
     """
     projects.get(session, project_id)
     if reward_model_id is not None:
@@ -248,6 +268,13 @@ def ppo_inputs(
             .order_by(ModelVersion.id.desc())
             .limit(1)
         )
+        # Walk back past policies people judged worse than their parent (the live verdict,
+        # app.services.winrate): the next generation starts from the last one that held up.
+        worse = winrate.worse_than_parent_ids(session, project_id) if parent else set()
+        seen: set[int] = set()
+        while parent is not None and parent.id in worse and parent.id not in seen:
+            seen.add(parent.id)
+            parent = session.get(ModelVersion, parent.parent_id) if parent.parent_id else None
     return PPOInputs(
         reward=ModelRef.of(reward),
         heldout=ModelRef.of(heldout) if heldout is not None else None,
@@ -265,9 +292,14 @@ def after_success(
 
     A new reward model starts PPO against it when `ppo_after_reward` is on; a new policy
     starts generation from it when `generate_after_policy` is on. Generation starts nothing:
-    the next step waits for people (the every-N-judgments schedule).
+    the next step waits for people (the every-N-judgments schedule). After a reward or PPO
+    job it also refreshes the policies' "rejected" marks (app.services.winrate).
     """
     project = projects.get(session, project_id)
+    if kind in (jobs.REWARD, jobs.PPO):
+        # New judgments arrived (a reward job) or a policy was added: refresh the "rejected"
+        # marks of policies people judged worse than their parent (app.services.winrate).
+        winrate.refresh_marks(session, project_id)
     loop = loop_settings(project)
     chain = {"trigger": CHAIN_TRIGGER, "after_job": job_id}
     if kind == jobs.REWARD and loop[PPO_AFTER_REWARD]:

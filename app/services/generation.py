@@ -8,9 +8,12 @@ twice). A completion's `source` names the policy that wrote it ("policy:12", or
 
 Tasks put the new samples in front of people where they teach the reward model most:
 pairwise, each new sample against the previous policy's answer to the same prompt (the
-question "did the new policy improve?"), or, for a prompt with nothing to compare against,
-the new samples against each other (capped by app.domain.pairing); ranking, one task over up
-to K candidates, new ones first.
+question "did the new policy improve?") and, when the lineage's first policy differs from the
+parent and answered the prompt too, against the first policy's answer ("did the loop improve
+on where it started?"; app.services.winrate turns both into win rates); for a prompt with
+nothing to compare against, the new samples against each other (capped by
+app.domain.pairing). Ranking: one task over up to K candidates, one of the parent's and one of
+the first policy's answers kept in, the new ones filling the rest first.
 """
 
 from __future__ import annotations
@@ -69,6 +72,27 @@ class StoreResult:
 
 def source_for(policy_id: int | None) -> str:
     return DEFAULT_SOURCE if policy_id is None else f"policy:{policy_id}"
+
+
+def lineage_root(session: Session, policy_id: int | None) -> str | None:
+    """The source of the first policy of `policy_id`'s lineage, what its samples are also
+    compared with: walking parent links to the top, "policy:default" when the top policy was
+    trained from the packaged model (a PPO run records its `base`), else the top policy
+    itself (a checkpoint registered by hand starts its own chain). None for the packaged
+    model itself."""
+    if policy_id is None:
+        return None
+    seen: set[int] = set()
+    model = session.get(ModelVersion, policy_id)
+    while model is not None and model.parent_id is not None and model.id not in seen:
+        seen.add(model.id)
+        parent = session.get(ModelVersion, model.parent_id)
+        if parent is None:
+            break
+        model = parent
+    if model is None:
+        return None
+    return DEFAULT_SOURCE if (model.config or {}).get("base") else source_for(model.id)
 
 
 def parse_selection(value: Any) -> Selection:
@@ -188,6 +212,24 @@ def previous_ids(
     return [cid for cid, src in others if src == wanted]
 
 
+def baseline_groups(
+    existing: Sequence[tuple[int, str]],
+    source: str,
+    parent_source: str | None,
+    root_source: str | None,
+) -> list[list[int]]:
+    """The completion ids new samples of `source` are compared with, one group per baseline:
+    `previous_ids` first, then the first policy's (`root_source`) when the prompt has some
+    and they are not the previous group already."""
+    previous = previous_ids(existing, source, parent_source)
+    groups = [previous] if previous else []
+    if root_source is not None and root_source != source:
+        root = [cid for cid, src in existing if src == root_source]
+        if root and set(root) != set(previous):
+            groups.append(root)
+    return groups
+
+
 def pair_with_previous(
     new_ids: Sequence[int], previous: Sequence[int], rng: random.Random
 ) -> list[tuple[int, int]]:
@@ -198,6 +240,24 @@ def pair_with_previous(
     order = list(previous)
     rng.shuffle(order)
     return [(order[i % len(order)], new) for i, new in enumerate(new_ids)]
+
+
+def _ranking_with_baselines(
+    ids: Sequence[int],
+    k: int,
+    groups: Sequence[Sequence[int]],
+    new: set[int],
+    rng: random.Random,
+) -> list[int]:
+    """Up to k of `ids` for one ranking task: one answer of each baseline group (at most
+    k - 1 of them, so a new sample fits), then new samples, then the others."""
+    keep = [rng.choice(sorted(group)) for group in groups][: max(k - 1, 0)]
+    slots = k - len(keep)
+    fresh = [cid for cid in ids if cid in new]
+    others = [cid for cid in ids if cid not in new and cid not in keep]
+    picked = fresh if len(fresh) <= slots else rng.sample(fresh, slots)
+    picked += rng.sample(others, min(slots - len(picked), len(others)))
+    return sorted(set(keep) | set(picked))
 
 
 def candidate_sets(
@@ -211,17 +271,21 @@ def candidate_sets(
     parent_source: str | None,
     max_pairs: int,
     rng: random.Random,
+    root_source: str | None = None,
 ) -> list[list[int]]:
     """The completion ids of each task to create for one prompt (pure; see the module doc)."""
     if not new_ids:
         return []
+    groups = baseline_groups(existing, source, parent_source, root_source)
     if mode is ProjectMode.ranking:
         ids = sorted({cid for cid, _ in existing} | set(new_ids))
-        chosen = pairing.ranking_set(ids, k, rng, prefer=set(new_ids))
-        return [chosen] if chosen and frozenset(chosen) not in existing_sets else []
-    previous = previous_ids(existing, source, parent_source)
-    if previous:
-        pairs = pair_with_previous(new_ids, previous, rng)
+        if not groups:
+            chosen = pairing.ranking_set(ids, k, rng, prefer=set(new_ids))
+        else:
+            chosen = _ranking_with_baselines(ids, k, groups, set(new_ids), rng)
+        return [chosen] if len(chosen) >= 2 and frozenset(chosen) not in existing_sets else []
+    if groups:
+        pairs = [pair for group in groups for pair in pair_with_previous(new_ids, group, rng)]
     else:
         pairs = pairing.pairs_for(list(new_ids), max_pairs, rng)
     return [list(pair) for pair in pairs if frozenset(pair) not in existing_sets]
@@ -241,14 +305,19 @@ def store(
     rng: random.Random,
     max_pairs: int,
     parent_source: str | None = None,
+    root_source: str | None = None,
 ) -> StoreResult:
     """Store each sampled text its prompt does not have yet, then the tasks that show them.
 
     `samples` maps prompt id to texts (already deduplicated among themselves by the sampler).
     Prompts deleted meanwhile are skipped. Every task needs the project's
-    `judgments_per_task`.
+    `judgments_per_task`. `root_source` (the lineage's first policy) defaults to what
+    `lineage_root()` finds for `model_version_id`, so a caller naming only the parent still
+    gets the pairs against the start.
     """
     project = projects.get(session, project_id)
+    if root_source is None:
+        root_source = lineage_root(session, model_version_id)
     prompt_ids = sorted(samples)
     live: set[int] = set()
     existing: dict[int, list[tuple[int, str]]] = defaultdict(list)
@@ -306,6 +375,7 @@ def store(
             parent_source=parent_source,
             max_pairs=max_pairs,
             rng=rng,
+            root_source=root_source,
         )
         tasks.extend(
             Task(
