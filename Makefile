@@ -1,4 +1,7 @@
-.PHONY: run test lint bench-reward
+.PHONY: demo run test lint bench-reward
+
+demo:  ## set up, then one full RLHF iteration with 3 simulated annotators (prefloop demo --simulate 3)
+	scripts/demo.sh $(DEMO_ARGS)
 
 run:   ## set up and start Prefloop on SQLite with the offline default models
 	scripts/run.sh

@@ -517,6 +517,71 @@ def score_completions(
     console.print(table)
 
 
+@cli.command("demo")
+def demo(
+    simulate: Annotated[
+        int, typer.Option(help="run N simulated annotators that label through the HTTP API")
+    ] = 0,
+    iterations: Annotated[
+        int | None,
+        typer.Option(help="exit after this many loop iterations (default: serve until Ctrl-C)"),
+    ] = None,
+    reset: Annotated[
+        bool, typer.Option(help="start a new demo project (the old one is renamed and kept)")
+    ] = False,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads for the worker (default: all cores)")
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="job sizes: cpu (a laptop CPU, about 10 min an iteration) or tiny (tests)"
+        ),
+    ] = "cpu",
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="start from this save_pretrained policy (default: packaged SmolLM2)"),
+    ] = None,
+    reward_backbone: Annotated[
+        str | None, typer.Option(help="reward model backbone (default: packaged MiniLM)")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="give up (exit 1) after this many seconds")
+    ] = None,
+    seed: int = 0,
+) -> None:
+    """Set up a demo project from bundled prompts, start the web app and the worker, and print
+    the URL and credentials; with --simulate N, watch a full RLHF iteration run by itself."""
+    from app.demo import run as demo_run
+    from app.demo import setup as demo_setup
+
+    if preset not in demo_setup.PRESETS:
+        raise typer.BadParameter(
+            f"unknown preset {preset!r}; known: {', '.join(demo_setup.PRESETS)}",
+            param_hint="--preset",
+        )
+    if policy is not None and not policy.is_dir():
+        raise typer.BadParameter(f"{policy} is not a directory", param_hint="--policy")
+    config = demo_setup.DemoConfig(
+        preset=preset,
+        policy_dir=policy.resolve() if policy else None,
+        reward_backbone=reward_backbone,
+        seed=seed,
+    )
+    options = demo_run.Options(
+        simulate=simulate,
+        iterations=iterations,
+        host=host,
+        port=port,
+        threads=threads,
+        reset=reset,
+        timeout_s=timeout,
+    )
+    raise typer.Exit(code=demo_run.run(Settings(), config, options, console))
+
+
 def main() -> None:
     cli()
 
