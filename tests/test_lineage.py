@@ -475,6 +475,9 @@ def test_iterations_page_shows_the_numbers_and_the_timeline(
     login(client, user.username)
     detail = client.get(f"/projects/{project.id}")
     assert f'href="/projects/{project.id}/iterations"' in detail.text
+    # The project page itself shows the three curves side by side.
+    assert detail.text.count("<svg") == 3
+    assert "People's win rate" in detail.text and "KL from the reference" in detail.text
     page = client.get(f"/projects/{project.id}/iterations")
     assert page.status_code == 200, page.text
     html = page.text
@@ -495,6 +498,7 @@ def test_iterations_page_shows_the_numbers_and_the_timeline(
     client.cookies.clear()
     login(client, annotator.username)
     assert client.get(f"/projects/{project.id}/iterations").status_code == 403
+    assert "<svg" not in client.get(f"/projects/{project.id}").text  # annotators see no curves
 
 
 def test_an_empty_project_has_no_iterations(client, db: Session) -> None:  # type: ignore[no-untyped-def]

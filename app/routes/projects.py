@@ -12,7 +12,7 @@ from app.deps import AdminUser, CurrentUser, Db, ExportUser, SettingsDep
 from app.errors import Conflict, InvalidInput, InvalidUpload, UploadTooLarge
 from app.models import Role
 from app.schemas import ImportOut, ProjectBrief, ProjectDetail, ProjectIn, ProjectOut
-from app.services import projects, prompts
+from app.services import projects, prompts, winrate
 from app.web import render
 
 router = APIRouter()
@@ -205,4 +205,8 @@ def _render_detail(
 ) -> Response:
     project, counts = projects.detail(db, project_id)
     context = {"project": project, "progress": counts, "result": result, "failure": failure}
+    viewer = getattr(request.state, "user", None)
+    if viewer is not None and viewer.role in (Role.admin, Role.researcher):
+        # The loop's three curves (people's win rate, the reward model's, KL) per policy.
+        context["report"] = [e.to_json() for e in winrate.policy_report(db, project_id)]
     return render(request, "projects/detail.html", context, status_code=status_code)
