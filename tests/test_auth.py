@@ -108,6 +108,75 @@ def test_revoked_token_and_paused_user_are_refused(client, db):
     assert resp.status_code == 401 and resp.json()["error"] == "not_authenticated"
 
 
+def _statements(connection):  # type: ignore[no-untyped-def]
+    """Record the SQL the app sends on `connection` (the test's, shared with the app)."""
+    from sqlalchemy import event
+
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        sent.append(" ".join(statement.split()).lower())
+
+    event.listen(connection, "before_cursor_execute", record)
+    return sent
+
+
+def test_token_auth_is_one_statement_and_touches_last_used_at_once_a_minute(client, db, connection):
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from app.models import ApiToken, utcnow
+    from app.services import users
+
+    user = make_user(db, Role.researcher)
+    headers = make_token(db, user)
+    sent = _statements(connection)
+    assert client.get("/api/v1/me", headers=headers).json()["id"] == user.id
+    auth = [s for s in sent if "api_tokens" in s or "from users" in s]
+    assert len(auth) == 2 and auth[0].startswith("select") and "join api_tokens" in auth[0]
+    assert auth[1].startswith("update api_tokens")  # first use: last_used_at written
+    first = db.scalar(select(ApiToken.last_used_at))
+    assert first is not None and abs((utcnow() - first).total_seconds()) < 60
+
+    sent.clear()
+    assert client.get("/api/v1/me", headers=headers).status_code == 200
+    auth = [s for s in sent if "api_tokens" in s or "from users" in s]
+    assert len(auth) == 1 and auth[0].startswith("select")  # within the minute: no write
+    db.expire_all()
+    assert db.scalar(select(ApiToken.last_used_at)) == first
+
+    token = headers["Authorization"].split()[1]
+    assert users.user_for_token(db, token, now=first + timedelta(seconds=59)).id == user.id
+    db.expire_all()
+    assert db.scalar(select(ApiToken.last_used_at)) == first
+    later = first + users.TOKEN_TOUCH_INTERVAL
+    assert users.user_for_token(db, token, now=later).id == user.id
+    db.expire_all()
+    assert db.scalar(select(ApiToken.last_used_at)) == later
+
+
+def test_token_needs_touch():
+    from datetime import UTC, datetime, timedelta
+
+    from app.services.users import token_needs_touch
+
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    assert token_needs_touch(None, t)
+    assert not token_needs_touch(t, t + timedelta(seconds=59.9))
+    assert token_needs_touch(t, t + timedelta(seconds=60))
+
+
+def test_cookie_session_auth_is_one_statement(client, db, connection):
+    user = make_user(db, Role.annotator)
+    login(client, user.username)
+    sent = _statements(connection)
+    assert client.get("/api/v1/me").json()["username"] == user.username
+    assert [s for s in sent if "users" in s or "api_tokens" in s] == [
+        next(s for s in sent if "from users" in s)
+    ]
+
+
 def test_pages_redirect_to_login_and_api_answers_401(client):
     page = client.get("/projects", follow_redirects=False)
     assert page.status_code == 303 and page.headers["location"].startswith("/login?next=")

@@ -91,6 +91,52 @@ def test_api_flow_next_judge_next_then_204(client: TestClient, db: Session):
     assert all(db.get(Task, t.id).state is TaskState.done for t in made)
 
 
+def test_api_next_and_submit_statements(client, db, connection, backend):  # type: ignore[no-untyped-def]
+    """The hot path's SQL, pinned: `next` is auth plus the claim's seven statements, a
+    judgment is auth plus five (lock, earlier judgments, take the lease, insert, bump)."""
+    from sqlalchemy import event
+
+    project, _ = pairs_project(db, 3)
+    _, auth = token_user(db)
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if not statement.lstrip().upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK TO")):
+            sent.append(" ".join(statement.split()).lower())
+
+    event.listen(connection, "before_cursor_execute", record)
+    client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth)  # touches the token
+    sent.clear()
+    resp = client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth)  # held lease
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    sent.clear()
+    judged = client.post(
+        f"/api/v1/tasks/{body['task_id']}/judgments",
+        json={"choice": body["candidates"][0]["id"], "client_key": "pinned"},
+        headers=auth,
+    )
+    assert judged.status_code == 201, judged.text
+    assert [s.split()[0] for s in sent] == [
+        "select",
+        "select",
+        "select",
+        "delete",
+        "insert",
+        "update",
+    ]
+    assert "join api_tokens" in sent[0] and "from tasks where tasks.id" in sent[1]
+    assert ("for update" in sent[1]) == (backend == "postgres")  # SQLite: BEGIN IMMEDIATE
+    assert judged.json()["client_key"] == "pinned"
+    assert judged.json()["created_at"].endswith(("Z", "+00:00"))
+
+    sent.clear()
+    resp = client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=auth)
+    assert resp.status_code == 200
+    assert len(sent) == 8 and "join api_tokens" in sent[0]
+    assert resp.json()["lease_expires_at"].endswith(("Z", "+00:00"))
+
+
 def test_api_next_on_an_empty_project_is_204_and_missing_project_404(client, db):
     project = make_project(db)
     _, auth = token_user(db)

@@ -142,6 +142,27 @@ def test_progress_counts_everything(db: Session) -> None:
     assert empty["tasks"] == {"open": 0, "done": 0, "retired": 0} and empty["annotators"] == []
 
 
+def test_progress_leaves_gold_tasks_out_of_the_task_counts(client: TestClient, db: Session) -> None:
+    """A finished project whose gold tasks stay open for every annotator reads as finished."""
+    project = make_project(db)
+    real = make_task(db, project, make_prompt(db, project, ["a", "b"]), state=TaskState.done)
+    prompt = make_prompt(db, project, ["c", "d"])
+    golden = make_task(db, project, prompt, is_gold=True, gold_answer=[[prompt.completions[0].id]])
+    make_task(db, project, make_prompt(db, project, ["e", "f"]), is_gold=True, gold_answer=[])
+    annotator = make_user(db, Role.annotator)
+    judge(db, real, annotator)
+    judge(db, golden, annotator)  # gold judgments are work done: they count for the annotator
+
+    counts = projects.progress(db, project.id)
+    assert counts["tasks"] == {"open": 0, "done": 1, "retired": 0}
+    assert counts["judgments"] == 2 and counts["annotators"][0]["judgments"] == 2
+    resp = client.get(
+        f"/api/v1/projects/{project.id}", headers=make_token(db, make_user(db, Role.researcher))
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["progress"]["tasks"] == {"open": 0, "done": 1, "retired": 0}
+
+
 def test_progress_of_a_missing_project(db: Session) -> None:
     with pytest.raises(NotFound):
         projects.progress(db, 999_999)

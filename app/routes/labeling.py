@@ -3,6 +3,11 @@
 The browser page is a plain form that works without JavaScript (pairwise radios, or a rank
 select per answer for rankings); app/static/label.js adds the keyboard, drag-and-drop, the
 lease heartbeat, and the one-round-trip swap to the next task on top.
+
+The JSON routes are the annotation hot path (bench/annotate.py). They return the response
+already serialized: for a plain ``def`` route FastAPI validates a returned model against
+`response_model` in one more worker-thread hop, although the route just built that model
+from the same schema. `response_model` stays on the decorators for the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
+from pydantic import BaseModel
 
 from app.deps import AnnotatorUser, Db, SettingsDep
 from app.errors import InvalidInput
@@ -31,29 +37,38 @@ MAX_TIME_MS = 2**31 - 1
 # --- JSON API ----------------------------------------------------------------------------
 
 
+def _json(body: BaseModel, status_code: int = 200) -> Response:
+    return Response(body.model_dump_json(), status_code, media_type="application/json")
+
+
 @router.get(
     "/api/v1/projects/{project_id}/tasks/next",
     response_model=TaskOut,
     responses={204: {"description": "nothing is left for you in this project"}},
 )
-def next_task(project_id: int, db: Db, user: AnnotatorUser) -> TaskOut:
+def next_task(project_id: int, db: Db, user: AnnotatorUser) -> Response:
     """Lease the next task (or the one you already hold); 204 when nothing is left."""
     claim = tasks.claim_next(db, project_id, user, now=utcnow(), rng=random.Random())
     prompt = claim.prompt
-    return TaskOut(
-        task_id=claim.task.id,
-        lease_expires_at=claim.lease_expires_at,
-        prompt=PromptView(
-            id=prompt.id, external_id=prompt.external_id, text=prompt.text, messages=prompt.messages
-        ),
-        candidates=[CandidateView(id=cid, text=text) for cid, text in claim.candidates],
-        instructions=claim.project.instructions,
+    return _json(
+        TaskOut(
+            task_id=claim.task.id,
+            lease_expires_at=claim.lease_expires_at,
+            prompt=PromptView(
+                id=prompt.id,
+                external_id=prompt.external_id,
+                text=prompt.text,
+                messages=prompt.messages,
+            ),
+            candidates=[CandidateView(id=cid, text=text) for cid, text in claim.candidates],
+            instructions=claim.project.instructions,
+        )
     )
 
 
 @router.post("/api/v1/tasks/{task_id}/heartbeat", response_model=LeaseOut)
-def heartbeat(task_id: int, db: Db, user: AnnotatorUser) -> LeaseOut:
-    return LeaseOut(lease_expires_at=tasks.heartbeat(db, task_id, user, now=utcnow()))
+def heartbeat(task_id: int, db: Db, user: AnnotatorUser) -> Response:
+    return _json(LeaseOut(lease_expires_at=tasks.heartbeat(db, task_id, user, now=utcnow())))
 
 
 @router.post("/api/v1/tasks/{task_id}/skip", status_code=204)
@@ -68,16 +83,12 @@ def skip(task_id: int, db: Db, user: AnnotatorUser) -> Response:
     status_code=201,
     responses={200: {"description": "replay of a stored judgment (same client_key)"}},
 )
-def judge(
-    task_id: int, body: JudgmentIn, db: Db, user: AnnotatorUser, response: Response
-) -> JudgmentOut:
+def judge(task_id: int, body: JudgmentIn, db: Db, user: AnnotatorUser) -> Response:
     """201 with the new judgment, or 200 with the stored one when `client_key` repeats."""
     judgment, created = judgments.record(
         db, task_id, user, **body.model_dump(exclude_none=True), now=utcnow()
     )
-    if not created:
-        response.status_code = 200
-    return JudgmentOut.model_validate(judgment)
+    return _json(JudgmentOut.model_validate(judgment), 201 if created else 200)
 
 
 # --- browser pages -----------------------------------------------------------------------

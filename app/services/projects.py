@@ -120,8 +120,10 @@ def progress(session: Session, project_id: int) -> dict[str, Any]:
     """Counts for the project page and ``GET /api/v1/projects/{id}``.
 
     ``prompts_waiting`` are prompts with no completions yet (they wait for generated ones);
-    ``tasks`` has a count for every state, zeros included, so clients need no defaults;
-    ``annotators`` lists who judged how much, busiest first.
+    ``tasks`` has a count for every state, zeros included, so clients need no defaults, of
+    the real tasks only: gold tasks stay open for every annotator forever, so counting them
+    would leave a finished project looking unfinished (the admin view counts them apart);
+    ``annotators`` lists who judged how much, gold included (it is work done), busiest first.
     """
     get(session, project_id)
     prompt_count = session.scalar(
@@ -141,7 +143,9 @@ def progress(session: Session, project_id: int) -> dict[str, Any]:
     )
     tasks = {state.value: 0 for state in TaskState}
     for state, count in session.execute(
-        select(Task.state, func.count()).where(Task.project_id == project_id).group_by(Task.state)
+        select(Task.state, func.count())
+        .where(Task.project_id == project_id, Task.is_gold.is_(False))
+        .group_by(Task.state)
     ):
         tasks[TaskState(state).value] = int(count)
     per_user = session.execute(

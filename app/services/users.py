@@ -1,19 +1,29 @@
-"""Users, passwords and API tokens. Passwords use argon2; tokens are stored as sha256 only."""
+"""Users, passwords and API tokens. Passwords use argon2; tokens are stored as sha256 only.
+
+Token authentication runs on every API request (an annotator's `next` and `submit` among
+them), so it is one statement: the token joined to its user. Its `last_used_at` is written
+at most once per TOKEN_TOUCH_INTERVAL, not on every request: an UPDATE per request cost a
+statement and held the token's row lock until the request committed.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime, timedelta
+from typing import cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
 from app.models import ApiToken, Role, User, utcnow
 
 TOKEN_PREFIX = "pfl_"
+TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
+"""How stale a token's `last_used_at` may get before a request writes it again."""
 _hasher = PasswordHasher()
 
 
@@ -88,16 +98,47 @@ def create_token(session: Session, user: User, name: str) -> str:
     return token
 
 
-def user_for_token(session: Session, token: str) -> User:
-    row = session.scalar(
-        select(ApiToken).where(
-            ApiToken.token_hash == _hash_token(token), ApiToken.revoked.is_(False)
-        )
+_TOKEN_USER = (
+    select(User, ApiToken.id, ApiToken.last_used_at)
+    .join(ApiToken, ApiToken.user_id == User.id)
+    .where(ApiToken.token_hash == bindparam("token_hash"), ApiToken.revoked.is_(False))
+)
+_tokens = cast(Table, ApiToken.__table__)
+_TOUCH_TOKEN = (
+    update(_tokens)
+    .where(
+        _tokens.c.id == bindparam("token_id"),
+        or_(_tokens.c.last_used_at.is_(None), _tokens.c.last_used_at <= bindparam("stale_before")),
     )
-    if row is None or not row.user.active:
+    .values(last_used_at=bindparam("now"))
+)
+# Built once: auth runs on every API request.
+
+
+def token_needs_touch(last_used_at: datetime | None, now: datetime) -> bool:
+    """Whether a request at `now` should write the token's `last_used_at` again."""
+    return last_used_at is None or now - last_used_at >= TOKEN_TOUCH_INTERVAL
+
+
+def user_for_token(session: Session, token: str, *, now: datetime | None = None) -> User:
+    """The active user a live token belongs to, from one statement; NotAuthenticated if the
+    token is unknown or revoked or its user is paused."""
+    row = session.execute(_TOKEN_USER, {"token_hash": _hash_token(token)}).first()
+    if row is None or not row[0].active:
         raise NotAuthenticated("invalid or revoked API token")
-    row.last_used_at = utcnow()
-    return row.user
+    user, token_id, last_used_at = row
+    now = now or utcnow()
+    if token_needs_touch(last_used_at, now):
+        # The WHERE repeats the staleness test, so concurrent requests write it once.
+        params = {"token_id": token_id, "now": now, "stale_before": now - TOKEN_TOUCH_INTERVAL}
+        session.execute(_TOUCH_TOKEN, params)
+    return user  # type: ignore[no-any-return]
+
+
+def user_for_session(session: Session, user_id: int) -> User | None:
+    """The active user behind a signed session cookie (one statement), or None."""
+    user = session.get(User, user_id)
+    return user if user is not None and user.active else None
 
 
 def revoke_token(session: Session, token_id: int) -> None:
