@@ -133,9 +133,9 @@ def token_create(username: str, name: str = "cli") -> None:
 @cli.command("serve")
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Run the web app (run `prefloop db upgrade` first)."""
-    import uvicorn
+    from app import serving
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers)
+    serving.run(host, port, workers)
 
 
 @cli.command("import")

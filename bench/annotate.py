@@ -145,40 +145,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def tcp_listener(host: str, port: int) -> socket.socket:
-    """A listening socket made as IPPROTO_TCP, so that the connections it accepts get
-    TCP_NODELAY from asyncio.
-
-    `uvicorn --workers N` binds its listener with protocol 0; accepted sockets inherit it,
-    and asyncio sets TCP_NODELAY only on sockets that say IPPROTO_TCP (Kludex/uvicorn#3149).
-    With Nagle left on, a response's body (written after its headers) waits for the client's
-    delayed ACK: ~40 ms on every keep-alive request that follows another closely, which is
-    each `next` after a `submit` (measured here: paced `next` p50 57 ms -> 18 ms).
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
-
-
 def serve(port: int, workers: int) -> None:
-    """`uvicorn app.main:create_app --factory --workers N` on a `tcp_listener` (the server
-    subprocess runs this)."""
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
+    """`prefloop serve --workers N` as the server subprocess runs it: on a TCP listener
+    (app.serving.tcp_listener), quiet, with long keep-alive."""
+    from app import serving
 
-    config = uvicorn.Config(
-        "app.main:create_app",
-        factory=True,
-        host="127.0.0.1",
-        port=port,
-        workers=workers,
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=120,
+    serving.run(
+        "127.0.0.1", port, workers, log_level="warning", access_log=False, timeout_keep_alive=120
     )
-    Multiprocess(config, sockets=[tcp_listener("127.0.0.1", port)]).run()
 
 
 def start_server(url: str, workers: int, listener: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -734,7 +708,7 @@ def main() -> None:
         choices=("tcp", "uvicorn"),
         default="tcp",
         help="tcp: bind the server's socket as IPPROTO_TCP (TCP_NODELAY on every connection, "
-        "see tcp_listener); uvicorn: let `uvicorn --workers N` bind it (Nagle stays on)",
+        "see app.serving.tcp_listener); uvicorn: let `uvicorn --workers N` bind it (Nagle stays on)",
     )
     args = parser.parse_args()
     baseline_target = args.baseline_judgments or args.judgments
