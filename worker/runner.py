@@ -359,6 +359,34 @@ def _reward_parts(
     ]
 
 
+def _chain_and_finish(
+    session: Session,
+    job: JobSpec,
+    model_version_id: int,
+    final: dict[str, Any],
+    last: dict[str, Any],
+) -> None:
+    """In the transaction that registered `model_version_id`: enqueue the loop's next job
+    (its id goes into `final` as next_job_id) and mark `job` succeeded with `final`."""
+    assert job.project_id is not None
+    chained = chaining.after_success(
+        session,
+        kind=job.kind,
+        project_id=job.project_id,
+        model_version_id=model_version_id,
+        job_id=job.id,
+    )
+    if chained is not None:
+        final["next_job_id"] = chained.id
+    jobs.finish(
+        session,
+        job.id,
+        final,
+        worker_id=job.worker_id,
+        progress={**last, "stage": "done", "eta_s": 0.0},
+    )
+
+
 def run_reward(
     settings: Settings,
     factory: sessionmaker[Session],
@@ -455,22 +483,7 @@ def run_reward(
                 }
                 final["heldout_model_version_id"] = models[1].id
             final[predictions.METRICS_KEY] = json_safe(scoring.summary)  # model in the loop
-            chained = chaining.after_success(
-                session,
-                kind=jobs.REWARD,
-                project_id=job.project_id,
-                model_version_id=models[0].id,
-                job_id=job.id,
-            )
-            if chained is not None:
-                final["next_job_id"] = chained.id
-            jobs.finish(
-                session,
-                job.id,
-                final,
-                worker_id=job.worker_id,
-                progress={**last, "stage": "done", "eta_s": 0.0},
-            )
+            _chain_and_finish(session, job, models[0].id, final, last)
     except BaseException:
         for part in parts:
             shutil.rmtree(part.out_dir, ignore_errors=True)
@@ -791,22 +804,7 @@ def run_ppo(
                 metrics=metrics,
             )
             final = {**metrics, "model_version_id": model.id}
-            chained = chaining.after_success(
-                session,
-                kind=jobs.PPO,
-                project_id=job.project_id,
-                model_version_id=model.id,
-                job_id=job.id,
-            )
-            if chained is not None:
-                final["next_job_id"] = chained.id
-            jobs.finish(
-                session,
-                job.id,
-                final,
-                worker_id=job.worker_id,
-                progress={**last, "stage": "done", "eta_s": 0.0},
-            )
+            _chain_and_finish(session, job, model.id, final, last)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
