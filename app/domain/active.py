@@ -6,7 +6,11 @@ with keywords would not do, since strategies are called positionally); the simul
 bench/active_learning.py runs them. The claim code (app.services.tasks) applies the same
 orders in SQL, to the `task_predictions` rows, so a claim never loads predictions into
 Python; there the random share is drawn per claim (a claim reads the default window with
-probability `random_share`), which gives the same share of random picks in expectation.
+probability `random_share`), which gives the same share of model-independent picks in
+expectation. Those picks follow the default order (partly judged first, then priority, then
+newest, shuffled within a batch of 50), not a uniform draw over every open task as in the
+simulation: independent of the model, so not biased toward its blind spots, but weighted
+toward recent tasks.
 
 A prediction is the current reward model's probability that the task's first candidate is
 preferred: ``sigmoid(score_a - score_b)`` (see `preference_probability`). A task of K > 2
