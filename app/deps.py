@@ -6,9 +6,14 @@ Routes declare what they need with the ``Annotated`` aliases at the bottom
 FastAPI runs every plain ``def`` dependency in a worker thread, one thread hop each (under
 bench/annotate.py's load, anyio's thread hand-offs were still ~12% of a web worker's Python
 time at three or four hops per request). So only what does I/O is a ``def``: authentication
-(one query) and the commit at the end of the request. Everything else (settings, opening the session, which does no I/O until its
-first statement, role and CSRF checks) is ``async def`` and runs on the event loop: a JSON
-request makes three hops (auth, the route, the commit) instead of five.
+(one query) and the commit at the end of the request. Everything else (settings, opening
+the session, which does no I/O until its first statement, role and CSRF checks) is
+``async def`` and runs on the event loop: a request makes three hops (auth, the route, the
+commit) instead of five.
+
+The labeling API's hot routes (``tasks/next`` and posting a judgment) go further with
+``AnnotatorWork`` (`OneHop`): authentication, the route's work and the commit in one
+thread, with at most as many such requests in threads as the pool has connections.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import hmac
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import POOL_CONNECTIONS
 from app.errors import Forbidden, NotAuthenticated
 from app.models import Role, User
 from app.services import users
@@ -134,28 +140,64 @@ async def _csrf_for_cookie_auth(request: Request) -> None:
         await check_csrf(request)
 
 
-def get_current_user(
-    request: Request, db: Db, _csrf: None = Depends(_csrf_for_cookie_auth)
-) -> User:
-    """Bearer token first, then the signed session cookie; 401 when neither is valid. Either
-    way it is one statement (app.services.users)."""
+@dataclass(frozen=True)
+class Credentials:
+    """What a request presents, read without the database: a bearer token, or the user id
+    from the signed session cookie (already CSRF-checked for unsafe methods)."""
+
+    token: str | None = None
+    session_user_id: int | None = None
+
+
+async def get_credentials(
+    request: Request, _csrf: None = Depends(_csrf_for_cookie_auth)
+) -> Credentials:
+    """Bearer token first, then the session cookie; 401 when there is neither."""
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
-        user = users.user_for_token(db, auth[7:].strip())
-        request.state.user = Viewer.of(user)
-        return user
+        return Credentials(token=auth[7:].strip())
     user_id = request.session.get("user_id")
     if user_id is None:
         raise NotAuthenticated("log in or send an 'Authorization: Bearer <token>' header")
-    found = users.user_for_session(db, int(user_id))
-    if found is None:
+    return Credentials(session_user_id=int(user_id))
+
+
+class _SessionEnded(NotAuthenticated):
+    """The cookie names a user who is gone or paused: the cookie session is cleared."""
+
+
+def _authenticate(request: Request, db: Session, credentials: Credentials) -> User:
+    """The user behind `credentials`, from one statement (app.services.users)."""
+    if credentials.token is not None:
+        user = users.user_for_token(db, credentials.token)
+    else:
+        assert credentials.session_user_id is not None
+        found = users.user_for_session(db, credentials.session_user_id)
+        if found is None:
+            raise _SessionEnded("your session has ended; log in again")
+        user = found
+    request.state.user = Viewer.of(user)
+    return user
+
+
+def get_current_user(
+    request: Request, db: Db, credentials: Annotated[Credentials, Depends(get_credentials)]
+) -> User:
+    """The authenticated user; 401 when the token or session is not valid."""
+    try:
+        return _authenticate(request, db, credentials)
+    except _SessionEnded:
         request.session.clear()
-        raise NotAuthenticated("your session has ended; log in again")
-    request.state.user = Viewer.of(found)
-    return found
+        raise
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def _check_role(user: User, roles: tuple[Role, ...]) -> None:
+    if user.role not in roles:
+        allowed = ", ".join(r.value for r in roles)
+        raise Forbidden(f"this needs the {allowed} role; you are {user.role.value}")
 
 
 def require_role(*roles: Role) -> Callable[[User], Awaitable[User]]:
@@ -163,10 +205,65 @@ def require_role(*roles: Role) -> Callable[[User], Awaitable[User]]:
     an already-loaded user, so it runs on the event loop rather than in a thread."""
 
     async def dependency(user: CurrentUser) -> User:
-        if user.role not in roles:
-            allowed = ", ".join(r.value for r in roles)
-            raise Forbidden(f"this needs the {allowed} role; you are {user.role.value}")
+        _check_role(user, roles)
         return user
+
+    return dependency
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class OneHop:
+    """A request's whole database work (authentication, the route's work, the commit) in one
+    worker thread and one transaction, for the labeling API's hot routes.
+
+    The usual dependencies make three thread hops per request (auth, route, commit), and a
+    request holds its pooled connection from the first to the last, so the thread limiter
+    must stay above the number of requests in flight (app.main._enough_threads) and under
+    200 annotators some 200 threads contend for 30 connections and the GIL. Here a request
+    waits on the event loop for one of `limiter`'s tokens (as many as the pool has
+    connections), then takes its connection, does everything, and gives both back: a
+    token holder never waits on another request, so there is nothing to deadlock on.
+    """
+
+    request: Request
+    credentials: Credentials
+    roles: tuple[Role, ...]
+
+    async def run(self, work: Callable[[Session, User], T]) -> T:
+        """`work(db, user)` in a thread; committed if it returns, rolled back if it raises."""
+        state = self.request.app.state
+        limiter = getattr(state, "db_limiter", None)
+        if limiter is None:  # made on the event loop, at the first such request
+            limiter = state.db_limiter = anyio.CapacityLimiter(POOL_CONNECTIONS)
+        try:
+            return await anyio.to_thread.run_sync(
+                self._in_thread, state.sessionmaker, work, limiter=limiter
+            )
+        except _SessionEnded:
+            self.request.session.clear()
+            raise
+
+    def _in_thread(self, factory: sessionmaker[Session], work: Callable[[Session, User], T]) -> T:
+        with factory() as db:
+            try:
+                user = _authenticate(self.request, db, self.credentials)
+                _check_role(user, self.roles)
+                result = work(db, user)
+                db.commit()
+            except BaseException:
+                db.rollback()
+                raise
+        return result
+
+
+def one_hop(*roles: Role) -> Callable[..., Awaitable[OneHop]]:
+    async def dependency(
+        request: Request, credentials: Annotated[Credentials, Depends(get_credentials)]
+    ) -> OneHop:
+        return OneHop(request, credentials, roles)
 
     return dependency
 
@@ -174,4 +271,5 @@ def require_role(*roles: Role) -> Callable[[User], Awaitable[User]]:
 AdminUser = Annotated[User, Depends(require_role(Role.admin))]
 AnnotatorUser = Annotated[User, Depends(require_role(Role.annotator, Role.admin))]
 ExportUser = Annotated[User, Depends(require_role(Role.admin, Role.researcher))]
+AnnotatorWork = Annotated[OneHop, Depends(one_hop(Role.annotator, Role.admin))]
 CsrfChecked = Annotated[None, Depends(check_csrf)]

@@ -9,7 +9,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.domain import assignment
@@ -492,3 +492,29 @@ def test_claim_looks_past_windows_that_hold_nothing_for_this_user(db, monkeypatc
     judgments.record(db, made[5].id, user, choice="tie", now=secs(4))
     with pytest.raises(NoTaskLeft):  # every window read, nothing left for this user
         claim(db, project, user, at=5)
+
+
+def test_tasks_the_user_judged_are_skipped_inside_one_window_read(db, monkeypatch):
+    """An annotator far ahead of the others: their own judged tasks lead the order (partly
+    judged first) but are filtered while the window is read, so a claim stays seven
+    statements however many of them there are, instead of a window read per window-full."""
+    monkeypatch.setattr(tasks, "CANDIDATE_WINDOW", 2)
+    project = make_project(db, judgments_per_task=3)
+    made = [make_task(db, project, make_prompt(db, project, [f"a{i}", f"b{i}"])) for i in range(9)]
+    user = make_user(db)
+    for task in made[:8]:
+        judgments.record(db, task.id, user, choice="tie", now=T0)
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    bind = db.connection()
+    event.listen(bind, "before_cursor_execute", count)
+    try:
+        got = claim(db, project, user, at=1)
+    finally:
+        event.remove(bind, "before_cursor_execute", count)
+    assert got.task.id == made[8].id
+    # project, own leases, candidates, lock, re-check, insert the lease, the texts
+    assert len(statements) == 7, statements
