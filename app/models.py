@@ -278,11 +278,13 @@ class Lease(Base):
     __table_args__ = (UniqueConstraint("task_id", "user_id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    # Indexed by the (task_id, user_id) constraint and by user_id only: leases churn on
+    # every claim and judgment (migration 0003 says why there are no more).
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     display_order: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class Skip(Base):

@@ -421,11 +421,12 @@ ORDER BY l.created_at, l.id"""
 WINDOW = """SELECT w.id, w.judgment_count, w.priority,
   w.judgment_count + (SELECT count(*) FROM leases l WHERE l.task_id = w.id
       AND l.user_id != %(u)s AND l.expires_at > %(now)s) < w.required_judgments
-  AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.task_id = w.id AND j.user_id = %(u)s)
   AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.prompt_id = w.prompt_id AND s.user_id = %(u)s)
-FROM (SELECT id, judgment_count, priority, required_judgments, prompt_id FROM tasks
+FROM (SELECT id, judgment_count, priority, required_judgments, prompt_id FROM tasks t
       WHERE project_id = %(p)s AND state = 'open' AND is_gold IS false
         AND judgment_count < required_judgments AND id != ALL(%(tried)s)
+        AND (judgment_count = 0 OR (SELECT count(*) FROM judgments j
+                                    WHERE j.task_id = t.id AND j.user_id = %(u)s) = 0)
       ORDER BY judgment_count DESC, priority DESC, id DESC LIMIT 200) w
 ORDER BY w.judgment_count DESC, w.priority DESC, w.id DESC"""
 RECHECK = """SELECT (SELECT count(*) FROM leases WHERE task_id = %(t)s AND user_id != %(u)s
@@ -481,7 +482,7 @@ def baseline_claim(
             order = assignment.display_order(task[3], rng)
             cur.execute(
                 "INSERT INTO leases (task_id, user_id, display_order, created_at, expires_at)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                " VALUES (%s, %s, %s, %s, %s)",
                 (task[0], user_id, json.dumps(order), now, now + timedelta(seconds=project[5])),
             )
             cur.execute(
@@ -539,7 +540,7 @@ def baseline_phase(
     dsn = url.replace("postgresql+psycopg://", "postgresql://")
     pool: queue.Queue[psycopg.Connection[Any]] = queue.Queue()
     for _ in range(connections):
-        pool.put(psycopg.connect(dsn))
+        pool.put(psycopg.connect(dsn, options="-c jit=off"))  # as app.db.make_engine
     tally = Tally(target=target)
     lock = threading.Lock()
     start_gate = threading.Barrier(len(people) + 1)
