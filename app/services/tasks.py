@@ -295,18 +295,12 @@ _LOCK = (
     .with_for_update()
     .execution_options(populate_existing=True)
 )
-_LOCK_SKIP_LOCKED = (
-    select(Task)
-    .where(Task.id == bindparam("task_id"))
-    .with_for_update(skip_locked=True)
-    .execution_options(populate_existing=True)
-)
 
 
-def lock_task(session: Session, task_id: int, *, skip_locked: bool = False) -> Task | None:
-    """Lock the task row and reload it, so its counter is the latest committed value."""
-    stmt = _LOCK_SKIP_LOCKED if skip_locked else _LOCK
-    return session.execute(stmt, {"task_id": task_id}).scalar_one_or_none()
+def lock_task(session: Session, task_id: int) -> Task | None:
+    """Lock the task row and reload it, so its counter is the latest committed value (the
+    claim itself locks with ``SKIP LOCKED`` and reads a plain row, `_TASK_SKIP_LOCKED`)."""
+    return session.execute(_LOCK, {"task_id": task_id}).scalar_one_or_none()
 
 
 def live_leases_of_others(session: Session, task_id: int, user_id: int, now: datetime) -> int:
