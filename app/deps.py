@@ -29,7 +29,7 @@ import anyio.to_thread
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import POOL_CONNECTIONS
+from app.db import POOL_CONNECTIONS, transaction
 from app.errors import Forbidden, NotAuthenticated
 from app.models import Role, User
 from app.services import users
@@ -247,16 +247,10 @@ class OneHop:
             raise
 
     def _in_thread(self, factory: sessionmaker[Session], work: Callable[[Session, User], T]) -> T:
-        with factory() as db:
-            try:
-                user = _authenticate(self.request, db, self.credentials)
-                _check_role(user, self.roles)
-                result = work(db, user)
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
-        return result
+        with transaction(factory) as db:
+            user = _authenticate(self.request, db, self.credentials)
+            _check_role(user, self.roles)
+            return work(db, user)
 
 
 def one_hop(*roles: Role) -> Callable[..., Awaitable[OneHop]]:

@@ -234,7 +234,6 @@ class StandInAutovacuum:
         self.dsn = url.replace("postgresql+psycopg://", "postgresql://")
         self.every_s = every_s
         self.stop = threading.Event()
-        self.runs = 0
         with psycopg.connect(self.dsn) as conn:
             setting = conn.execute("SHOW autovacuum").fetchone()
         self.needed = setting is not None and setting[0] == "off"
@@ -257,7 +256,6 @@ class StandInAutovacuum:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self.stop.wait(self.every_s):
                 conn.execute(f"VACUUM (ANALYZE) {self.TABLES}")
-                self.runs += 1
 
 
 # --- load over HTTP ---------------------------------------------------------------------------
