@@ -23,7 +23,7 @@ API is served; it writes only when something changed, so calling it again is a n
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -46,7 +46,6 @@ from app.services import generation, projects
 READY = "ready"
 REJECTED = "rejected"
 REJECTION_RULE = "human_win_rate_vs_parent"
-_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -101,11 +100,6 @@ class PolicyEval:
         }
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _number(metrics: dict[str, Any] | None, key: str) -> float | None:
     value = (metrics or {}).get(key)
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
@@ -157,46 +151,53 @@ def policy_report(
     )
 
     # The completions of those sources, and the tasks on prompts with a policy's samples.
+    connection = session.connection()  # plain rows: no ORM result processing for 10^4 rows
     by_source: dict[str, set[int]] = defaultdict(set)
     source_of: dict[int, str] = {}
-    policy_prompts: set[int] = set()
-    rows = session.execute(
-        select(Completion.id, Completion.prompt_id, Completion.source)
+    rows = connection.execute(
+        select(Completion.id, Completion.source)
         .join(Prompt, Prompt.id == Completion.prompt_id)
         .where(Prompt.project_id == project_id, Completion.source.in_(sources))
     )
-    policy_sources = set(own.values())
-    for cid, pid, src in rows:
+    for cid, src in rows.all():
         by_source[src].add(cid)
         source_of[cid] = src
-        if src in policy_sources:
-            policy_prompts.add(pid)
+    # The prompts a policy answered, as a subquery: one statement each for the tasks and
+    # their judgments instead of IN lists of ids (36 round trips at 18k tasks, 0.9 s).
+    policy_prompt_ids = (
+        select(Completion.prompt_id)
+        .join(Prompt, Prompt.id == Completion.prompt_id)
+        .where(Prompt.project_id == project_id, Completion.source.in_(sorted(own.values())))
+        .scalar_subquery()
+    )
+    policy_tasks = (
+        Task.project_id == project_id,
+        Task.prompt_id.in_(policy_prompt_ids),
+        Task.is_gold.is_(False),
+    )
     task_ids_by_source: dict[str, list[int]] = defaultdict(list)
     task_ids: dict[int, tuple[int, ...]] = {}
-    for chunk in _chunks(sorted(policy_prompts)):
-        for tid, ids in session.execute(
-            select(Task.id, Task.completion_ids).where(
-                Task.project_id == project_id, Task.prompt_id.in_(chunk), Task.is_gold.is_(False)
-            )
-        ):
-            completion_ids = tuple(int(c) for c in ids)
-            task_ids[tid] = completion_ids
-            for src in {source_of[c] for c in completion_ids if c in source_of}:
-                task_ids_by_source[src].append(tid)
+    task_rows = connection.execute(select(Task.id, Task.completion_ids).where(*policy_tasks))
+    for tid, ids in task_rows.all():
+        completion_ids = tuple(int(c) for c in ids)
+        task_ids[tid] = completion_ids
+        for src in {source_of[c] for c in completion_ids if c in source_of}:
+            task_ids_by_source[src].append(tid)
     rankings: dict[int, list[list[list[int]]]] = defaultdict(list)
-    for chunk in _chunks(sorted(task_ids)):
-        for tid, ranking in session.execute(
-            select(Judgment.task_id, Judgment.ranking)
-            .where(Judgment.task_id.in_(chunk), Judgment.is_gold.is_(False))
-            .order_by(Judgment.id)
-        ):
-            rankings[tid].append([[int(c) for c in group] for group in ranking])
+    judgment_rows = connection.execute(
+        select(Judgment.task_id, Judgment.ranking)
+        .join(Task, Task.id == Judgment.task_id)
+        .where(*policy_tasks, Judgment.is_gold.is_(False))
+        .order_by(Judgment.id)
+    )
+    for tid, ranking in judgment_rows.all():
+        rankings[tid].append([[int(c) for c in group] for group in ranking])
     views = {tid: _TaskView(ids, tuple(rankings.get(tid, ()))) for tid, ids in task_ids.items()}
 
     reward_ids = sorted({p.reward_model_id for p in policies if p.reward_model_id is not None})
     scores: dict[int, dict[int, float]] = defaultdict(dict)
     if reward_ids:
-        scored = session.execute(
+        scored = connection.execute(
             select(
                 CompletionScore.model_version_id,
                 CompletionScore.completion_id,
@@ -210,7 +211,7 @@ def policy_report(
                 ),
             )
         )
-        for mid, cid, score in scored:
+        for mid, cid, score in scored.all():
             scores[mid][cid] = float(score)
 
     report = []
