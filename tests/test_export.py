@@ -563,8 +563,8 @@ def test_export_page_lists_every_shape_and_format(
         for fmt in export.FORMATS:
             assert f"/api/v1/projects/{project.id}/export?shape={shape}&amp;format={fmt}" in page
     assert (
-        f'datasets.load_dataset("json", data_files="project-{project.id}-pairs.jsonl", split="train")'
-        in page.replace("&#34;", '"')
+        f'datasets.load_dataset("parquet", data_files="project-{project.id}-pairs.parquet", '
+        'split="train")' in page.replace("&#34;", '"')
     )
     assert "RewardTrainer" in page and "DPOTrainer" in page
     assert "<b>3</b>judgments" in page
@@ -645,6 +645,48 @@ def test_pairs_export_loads_into_datasets(
     )
     assert ds_pq.column_names == ds.column_names
     assert ds_pq["chosen"] == ds["chosen"] and ds_pq["rejected"] == ds["rejected"]
+
+
+def test_parquet_keeps_types_of_columns_that_are_null_in_the_first_row_groups(
+    db: Session,
+    session_factory: sessionmaker[Session],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The documented loader for large exports: Parquet's schema is fixed up front, so a
+    `strength`, a chat prompt and a metadata key that first appear in a late row group still
+    load (datasets' JSON reader types a column from the file's first 10 MB instead). Row
+    groups of 2 rows, converted 1 row at a time, stand in for a large file."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(export, "ROW_GROUP_ROWS", 2)
+    monkeypatch.setattr(export, "ARROW_CHUNK_ROWS", 1)
+    project = make_project(db)
+    ann = make_user(db, Role.annotator)
+    for i in range(4):
+        task, a, b = pairwise(db, project, (f"good {i}", f"bad {i}"), external_id=f"t{i}")
+        judge(db, task, ann, [[a], [b]])
+    chat, a, b = pairwise(
+        db,
+        project,
+        ("Sure!", "No."),
+        text=None,
+        external_id="chat",
+        messages=[{"role": "user", "content": "Help?"}],
+        metadata_={"topic": "late"},
+    )
+    judge(db, chat, ann, [[a], [b]], strength=2)
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(collect(session_factory, project.id, "pairs", "parquet"))
+    assert pq.ParquetFile(path).num_row_groups == 3
+
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert ds.num_rows == 5
+    assert ds["strength"] == [None, None, None, None, 2]
+    assert ds["prompt_messages"] == [None] * 4 + [[{"role": "user", "content": "Help?"}]]
+    assert [json.loads(m) for m in ds["metadata"]] == [{}] * 4 + [{"topic": "late"}]
+    assert ds["chosen"] == ["good 0", "good 1", "good 2", "good 3", "Sure!"]
 
 
 def test_streaming_body_reads_in_its_own_session_after_the_request_commits(
