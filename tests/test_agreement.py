@@ -131,6 +131,57 @@ def test_leave_one_out_agreement() -> None:
     assert agreement.summarize([("a", up)]).with_others == {}
 
 
+def test_leave_one_out_finds_the_outlier_when_the_others_are_split() -> None:
+    """QA's case at overlap 3: alice and bob choose A, carol B, on every task. alice's others
+    are bob (A) and carol (B): split, no consensus, so the task does not count for her (it
+    used to count as a disagreement, 0 of 1, and all three scored 0.0); likewise bob. carol's
+    others agree on A: she disagrees, 0 of 1. Over ten such tasks: alice and bob have no
+    pairs (None), carol 0 of 10 (0.0)."""
+    a, b = [[10], [20]], [[20], [10]]
+    summary = agreement.summarize([("alice", a), ("bob", a), ("carol", b)])
+    assert summary.with_others == {"alice": (0, 0), "bob": (0, 0), "carol": (0, 1)}
+    # Add two tasks on which all three agree: there each one's others agree with them, so
+    # alice and bob are 2 of 2 (1.0) and carol 2 of 2 + 0 of 10 = 2 of 12 (1/6).
+    totals = {"alice": [0, 0], "bob": [0, 0], "carol": [0, 0]}
+    tasks = [[("alice", a), ("bob", a), ("carol", b)]] * 10 + [
+        [("alice", a), ("bob", a), ("carol", a)]
+    ] * 2
+    for task in tasks:
+        for who, (agree, compared) in agreement.summarize(task).with_others.items():
+            totals[str(who)][0] += agree
+            totals[str(who)][1] += compared
+    assert totals == {"alice": [2, 2], "bob": [2, 2], "carol": [2, 12]}
+
+
+def test_leave_one_out_majority_per_candidate_pair() -> None:
+    """Four rankings of three candidates; on each pair the others' consensus is the relation
+    more than half of them stated, and a pair they split on is not counted.
+
+        a: 1 > 2 > 3    b: 1 = 2 > 3    c: 1 = 2 > 3    d: 2 > 1 > 3
+
+    Pairs (1,3) and (2,3): everybody says the first is above 3, so all agree there.
+    Pair (1,2): a's others b, c, d say tie, tie, 2 above: tie by 2 of 3, a (1 above)
+    disagrees. b's others say 1 above, tie, 2 above: no majority, not counted; same for c.
+    d's others say 1 above, tie, tie: tie by 2 of 3, d disagrees.
+    """
+    summary = agreement.summarize(
+        [
+            ("a", [[1], [2], [3]]),
+            ("b", [[1, 2], [3]]),
+            ("c", [[1, 2], [3]]),
+            ("d", [[2], [1], [3]]),
+        ]
+    )
+    assert summary.with_others == {"a": (2, 3), "b": (2, 2), "c": (2, 2), "d": (2, 3)}
+    # A tie against a strict preference splits two others as much as opposite preferences.
+    assert agreement.agreement_with_majority([[1], [2]], [[[1], [2]], [[1, 2]]]) == (0, 0)
+    # Others who do not rank both candidates of a pair have no vote on it.
+    assert agreement.agreement_with_majority([[1], [2], [3]], [[[1], [2]], [[3], [1]]]) == (
+        1,
+        2,
+    )
+
+
 # --- Krippendorff's alpha ------------------------------------------------------------------
 
 
@@ -170,11 +221,78 @@ def test_alpha_edge_cases() -> None:
     assert krippendorff_alpha_ordinal([[1, 1], [2, 2], [3, 3]]) == pytest.approx(1.0)
     # Two tasks, each split: units (-1, 1) twice; n_-1 = n_1 = 2, n = 4, o[-1,1] = o[1,-1] = 2,
     # alpha = 1 - 3 * (4 d2) / (2 * 2 * 2 d2) = -0.5: worse than chance.
+    assert _relation_alpha([[[[1], [2]], [[2], [1]]], [[[3], [4]], [[4], [3]]]]) == pytest.approx(
+        -0.5
+    )
+    # Every annotator ties every pair: no variation, even in both orientations.
+    assert _relation_alpha([[[[1, 2]], [[1, 2]]]]) is None
+
+
+def _relation_alpha(tasks: list[list[agreement.Ranking]]) -> float | None:
+    """The project's alpha as the quality report computes it: a unit per (task, pair)."""
     matrix = Coincidences()
-    for task in ([[[1], [2]], [[2], [1]]], [[[3], [4]], [[4], [3]]]):
-        for unit in agreement.relation_units(task):
-            matrix.add(unit)
-    assert matrix.alpha_ordinal() == pytest.approx(-0.5)
+    for rankings in tasks:
+        for unit in agreement.relation_units(rankings):
+            matrix.add_relations(unit)
+    return matrix.alpha_ordinal()
+
+
+def _short_long_tasks(alternate: bool, bob_long: int) -> list[list[agreement.Ranking]]:
+    """QA's two uploads of the same 10 prompts: completions (short, long) get ids in file
+    order, always short first, or alternating. alice always prefers the long one; bob
+    the long one on the first `bob_long` tasks and the short one after."""
+    tasks: list[list[agreement.Ranking]] = []
+    for i in range(10):
+        first, second = 2 * i, 2 * i + 1
+        short, long_ = (second, first) if alternate and i % 2 else (first, second)
+        alice = [[long_], [short]]
+        bob = [[long_], [short]] if i < bob_long else [[short], [long_]]
+        tasks.append([alice, bob])
+    return tasks
+
+
+def test_alpha_does_not_depend_on_the_order_of_completions() -> None:
+    """The same judgments coded against the lower completion id in two orientations.
+
+    Perfect agreement: coded as is, the first upload has only +1s (no variation: alpha was
+    None) and the alternating one five (+1, +1) and five (-1, -1) (alpha was 1.0). Counted in
+    both orientations, both have n_-1 = n_1 = 10 and no disagreement: alpha = 1.
+
+    bob disagrees on 3 of 10 (pairwise agreement 0.7; alpha was -0.1176 and 0.4242). In both
+    orientations, half weight each: o[-1,1] = o[1,-1] = 3 (a split unit gives one of each
+    per orientation), n_-1 = n_1 = 10, n = 20. Ordinal d(-1,1) = 20 - 10 = 10, d2 = 100:
+    observed 6 * 100 = 600, expected 2 * 10 * 10 * 100 = 20000,
+    alpha = 1 - 19 * 600 / 20000 = 0.43, in both uploads.
+    """
+    for alternate in (False, True):
+        assert _relation_alpha(_short_long_tasks(alternate, bob_long=10)) == 1.0
+        assert _relation_alpha(_short_long_tasks(alternate, bob_long=7)) == pytest.approx(0.43)
+
+
+def test_alpha_of_relations_by_hand_with_ties() -> None:
+    """Three units over one candidate pair each: (-1, -1, 0) from three annotators, (1, 0)
+    and (-1, -1). Each counts half as coded and half mirrored (-1 <-> 1):
+
+        (-1, -1, 0), weight 1/(m-1) = 1/2 per ordered pair, so o[-1,-1] = o[-1,0] = o[0,-1] = 1;
+        mirrored o[1,1] = o[1,0] = o[0,1] = 1; half each.
+        (1, 0): o[1,0] = o[0,1] = 1; mirrored o[-1,0] = o[0,-1] = 1; half each.
+        (-1, -1): o[-1,-1] = 2; mirrored o[1,1] = 2; half each.
+
+    Symmetrised o[-1,-1] = o[1,1] = 0.5 + 1 = 1.5, o[-1,0] = o[0,-1] = o[1,0] = o[0,1] = 1,
+    o[-1,1] = 0. Marginals n_-1 = n_1 = 2.5, n_0 = 2, n = 7 (the 7 values coded).
+    Ordinal: d(-1,0) = d(0,1) = 4.5 - 2.25 = 2.25 -> 5.0625; d(-1,1) = 7 - 2.5 = 4.5 -> 20.25
+    (four times as far, exactly as the interval metric on -1/0/1).
+    Observed 4 * 5.0625 = 20.25.
+    Expected 2 * (2.5*2*5.0625 + 2*2.5*5.0625 + 2.5*2.5*20.25) = 2 * 177.1875 = 354.375.
+    alpha = 1 - 6 * 20.25 / 354.375 = 1 - 12/35 = 23/35.
+    """
+    for second in ([1, 0], [-1, 0]):  # the middle unit in either orientation
+        matrix = Coincidences()
+        for unit in ([-1, -1, 0], second, [-1, -1]):
+            matrix.add_relations(unit)
+        assert matrix.o[(-1, -1)] == matrix.o[(1, 1)] == pytest.approx(1.5)
+        assert matrix.o[(0, 1)] == matrix.o[(0, -1)] == pytest.approx(1.0)
+        assert matrix.alpha_ordinal() == pytest.approx(23 / 35)
 
 
 def test_relation_units_of_one_task() -> None:

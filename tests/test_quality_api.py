@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from app.models import Judgment, Project, Role, Task, TaskState, User
+from app.models import Completion, Judgment, Project, Role, Task, TaskState, User
 from app.services import quality
 from tests.factories import make_project, make_prompt, make_task, make_token, make_user
 
@@ -102,6 +102,47 @@ def test_report_by_hand(db: Session) -> None:
     assert strengths["upload"]["wins"] == 3 and strengths["upload"]["comparisons"] == 6
     assert strengths["upload"]["theta"] == pytest.approx(0.0, abs=1e-9)
     assert people["alice-q"]["gold_accuracy"] is None
+
+
+@pytest.mark.parametrize("alternate", [False, True])
+def test_alpha_does_not_depend_on_upload_order(db: Session, alternate: bool) -> None:
+    """The QA case through the report: 10 tasks of a short and a long answer, uploaded short
+    first (the long one always has the higher id) or alternating; alice and bob prefer the
+    long one on all 10 and carol on 7. Same judgments, same numbers either way: alice/bob
+    alpha 1.0 (it was None for short-first), and with carol the outlier of a 2-vs-1 split."""
+    project = make_project(db, judgments_per_task=3)
+    alice, bob, carol = (make_user(db, username=f"{n}-order") for n in ("alice", "bob", "carol"))
+    tasks = []
+    for i in range(10):
+        texts = [f"short {i}", f"a much longer answer {i}"]
+        task = make_task(
+            db, project, make_prompt(db, project, texts[::-1] if alternate and i % 2 else texts)
+        )
+        tasks.append(task)
+    for i, task in enumerate(tasks):
+        long_id = max(task.completion_ids, key=lambda c: len(db.get(Completion, c).text))
+        short_id = next(c for c in task.completion_ids if c != long_id)
+        verdict(db, task, alice, long_id)
+        verdict(db, task, bob, long_id)
+        verdict(db, task, carol, long_id if i < 7 else short_id)
+
+    q = quality.report(db, project.id, replicates=20).to_json()
+    # 10 units of three values; 7 unanimous, 3 of (L, L, S). Symmetrised: n = 30, n_-1 = n_1
+    # = 15; observed o[L,S] = 3 units * 2 ordered pairs * 2 / 2 (m - 1 = 2) = 6, split
+    # evenly over (-1,1) and (1,-1); d2(-1,1) = (n_-1/2 + n_0 + n_1/2)^2 = 15^2 = 225;
+    # alpha = 1 - (n - 1) * sum o d2 / sum n_c n_k d2 = 1 - 29 * 6 * 225 / (2 * 15 * 15 * 225)
+    assert q["agreement"]["krippendorff_alpha_ordinal"] == pytest.approx(1 - 29 * 6 / 450)
+    people = {a["username"]: a for a in q["annotators"]}
+    # the others agree on every task for carol (alice and bob: long), so she is scored on all
+    # 10; for alice the others (bob, carol) are split on 3 tasks, which do not count.
+    assert (
+        people["carol-order"]["agreement_with_consensus"],
+        people["carol-order"]["agreement_pairs"],
+    ) == (pytest.approx(0.7), 10)
+    assert (
+        people["alice-order"]["agreement_with_consensus"],
+        people["alice-order"]["agreement_pairs"],
+    ) == (1.0, 7)
 
 
 def test_planted_position_bias_speed_and_source_strength(db: Session) -> None:

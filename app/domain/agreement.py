@@ -22,17 +22,21 @@ Consensus (:func:`consensus`)
 Agreement
     Two judgments agree on a pair when they state the same relation. :func:`task_agreement`
     pools over every two annotators of a task and every candidate pair; the project's
-    pairwise agreement rate pools the same counts over tasks. Krippendorff's alpha
-    (:class:`Coincidences`) uses the relations as ordinal values with one unit per (task,
-    candidate pair), so for pairwise projects one unit is one task, and chance agreement is
-    accounted for.
+    pairwise agreement rate pools the same counts over tasks. An annotator's agreement with
+    the others' consensus (:func:`agreement_with_majority`) leaves them out and counts only
+    the pairs on which more than half of the others state one relation. Krippendorff's
+    alpha (:class:`Coincidences`, :meth:`Coincidences.add_relations`) uses the relations as
+    ordinal values with one unit per (task, candidate pair), so for pairwise projects one
+    unit is one task, and chance agreement is accounted for. Which candidate of a pair is
+    "a" only depends on the ids, i.e. on upload order, so alpha counts every unit in both
+    orientations and does not depend on it.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -243,8 +247,8 @@ class TaskSummary:
     compared: int
     with_others: dict[Hashable, tuple[int, int]] = field(default_factory=dict)
     """Per annotator: (agreeing, compared) pairs against the consensus of the *other*
-    annotators (leave one out, so an annotator never agrees with themselves); empty when
-    the task has a single judgment."""
+    annotators (:func:`agreement_with_majority`; leave one out, so an annotator never agrees
+    with themselves); empty when the task has a single judgment."""
 
 
 def summarize(judgments: Sequence[tuple[Hashable, Ranking]]) -> TaskSummary:
@@ -254,8 +258,7 @@ def summarize(judgments: Sequence[tuple[Hashable, Ranking]]) -> TaskSummary:
     with_others: dict[Hashable, tuple[int, int]] = {}
     if len(judgments) >= 2:
         for i, (who, ranking) in enumerate(judgments):
-            others = consensus(rankings[:i] + rankings[i + 1 :])
-            with_others[who] = pair_agreement(ranking, others.ranking)
+            with_others[who] = agreement_with_majority(ranking, rankings[:i] + rankings[i + 1 :])
     return TaskSummary(
         consensus=consensus(rankings),
         agreement=agree / compared if compared else None,
@@ -265,6 +268,39 @@ def summarize(judgments: Sequence[tuple[Hashable, Ranking]]) -> TaskSummary:
     )
 
 
+def agreement_with_majority(ranking: Ranking, others: Sequence[Ranking]) -> tuple[int, int]:
+    """(pairs on which `ranking` states the others' consensus relation, pairs with one).
+
+    On each candidate pair the others' consensus is the relation more than half of them
+    stated (among those who rank both candidates). Where they are split, with no relation
+    above half, the pair is not counted: there is no consensus to agree with, and counting
+    the split as a tie would mark everybody wrong. At overlap 3, when alice and bob say A
+    and carol B, alice's and bob's others are split and the task does not count for them,
+    while carol's others agree and she disagrees: the outlier is the only one marked down.
+    With one other annotator this is plain pairwise agreement with them.
+
+    This is majority vote per pair, leaving the annotator out. For two candidates it gives
+    the same relation as the Kemeny–Snell consensus of the others wherever it counts a pair
+    (a relation stated by more than half is the median, which Kemeny–Snell picks); for more
+    it may differ where the others' majorities form a cycle, and each pair is scored against
+    what the others said about that pair. It is deliberately not Label Studio's per-member "average pairwise agreement" (alice 1/2,
+    carol 0 above): that number is the project's pairwise rate restricted to one person.
+    """
+    mine = relations(ranking)
+    stated = [relations(other) for other in others]
+    agree = compared = 0
+    for pair, rel in mine.items():
+        votes = Counter(theirs[pair] for theirs in stated if pair in theirs)
+        if not votes:
+            continue
+        top, count = votes.most_common(1)[0]
+        if 2 * count <= votes.total():
+            continue  # split: no consensus on this pair
+        compared += 1
+        agree += rel == top
+    return agree, compared
+
+
 # --- Krippendorff's alpha ------------------------------------------------------------------
 
 
@@ -272,22 +308,49 @@ class Coincidences:
     """Krippendorff's coincidence matrix, filled one unit at a time (constant memory).
 
     A unit is the set of values the coders gave one thing (here: the relations the
-    annotators of one task stated about one candidate pair). Units with fewer than two values
-    are not pairable and are ignored, as the definition says.
+    annotators of one task stated about one candidate pair; add those with
+    :meth:`add_relations`). Units with fewer than two values are not pairable and are
+    ignored, as the definition says.
     """
 
     def __init__(self) -> None:
         self.o: dict[tuple[Hashable, Hashable], float] = defaultdict(float)
 
-    def add(self, values: Sequence[Hashable]) -> None:
+    def add(self, values: Sequence[Hashable], weight: float = 1.0) -> None:
+        """One unit; `weight` scales its m values (1: the unit counts once, as defined)."""
         m = len(values)
         if m < 2:
             return
-        weight = 1.0 / (m - 1)
+        each = weight / (m - 1)
         for i, c in enumerate(values):
             for j, k in enumerate(values):
                 if i != j:
-                    self.o[(c, k)] += weight
+                    self.o[(c, k)] += each
+
+    def add_relations(self, relations: Sequence[int]) -> None:
+        """One unit of relations (-1/0/+1) about a candidate pair, in both orientations.
+
+        A candidate pair has no natural orientation: relations are coded against the lower
+        completion id, which follows the order of the uploaded file. Coded as is, the value
+        distribution that expected disagreement is computed from depends on that order (10
+        tasks, two annotators always preferring the long answer: alpha None when the long one
+        always has the higher id, 1.0 when ids alternate). So the unit counts half as coded
+        and half mirrored (a above <-> b above, ties stay). Flipping a unit then swaps its
+        halves and changes nothing, so alpha is the same for every orientation; the
+        marginals become symmetric (n_-1 = n_+1); the observed pairs of values are only
+        mirrored (agreeing pairs still agree, split ones still split); and n stays the
+        number of values coded, so data whose marginals are already symmetric keep their
+        alpha (counting each unit twice at full weight would double n and shift the
+        (n - 1) small-sample correction). Perfect agreement on strict preferences is 1.0.
+
+        With symmetric marginals the ordinal metric on -1 < 0 < +1 gives d(-1,0) = d(0,1)
+        and d(-1,+1) twice that, i.e. the interval metric: opposite preferences count four
+        times a tie against a preference (squared, where Kemeny–Snell's distance counts
+        them twice). Nominal would count both the same, and a tie is closer to either
+        preference than they are to each other. Without ties all of these are the same.
+        """
+        self.add(relations, 0.5)
+        self.add([-r for r in relations], 0.5)
 
     def alpha_ordinal(self) -> float | None:
         """alpha = 1 - (n - 1) * sum o_ck d2_ck / sum n_c n_k d2_ck with the ordinal metric

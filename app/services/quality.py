@@ -165,7 +165,7 @@ def report(
                 person.agree += agree
                 person.compared += compared
             for unit in agreement.relation_units(rankings):
-                matrix.add(unit)
+                matrix.add_relations(unit)
         else:
             methods[agreement.SINGLE] += 1
 
