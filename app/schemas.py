@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+INT32_MAX = 2**31 - 1
+"""The largest value of an ``Integer`` column (Postgres ``integer``): a number that lands in
+one is bounded here, so a larger one is a 422 naming the field, not a database error."""
+
 # --- projects and prompts ---------------------------------------------------------------
 
 
@@ -22,6 +26,18 @@ class ProjectIn(BaseModel):
     candidates_per_task: StrictInt | None = None
     lease_seconds: StrictInt = 300
     gold_rate: float = 0.0
+
+
+class ProjectUpdate(BaseModel):
+    """The settings to change; the ones left out stay (see projects.update)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    instructions: str | None = Field(default=None, max_length=20_000)
+    judgments_per_task: StrictInt | None = None
+    lease_seconds: StrictInt | None = None
+    gold_rate: float | None = None
 
 
 class ProjectBrief(BaseModel):
@@ -122,7 +138,7 @@ class JudgmentIn(BaseModel):
     strength: int | None = Field(default=None, ge=1, le=3)
     rationale: str | None = Field(default=None, max_length=10_000)
     client_key: str | None = Field(default=None, min_length=1, max_length=128)
-    time_spent_ms: int | None = Field(default=None, ge=0)
+    time_spent_ms: int | None = Field(default=None, ge=0, le=INT32_MAX)
 
 
 class JudgmentOut(BaseModel):

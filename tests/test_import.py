@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from datetime import UTC, datetime, timedelta
 from itertools import combinations
 from typing import Any
 
@@ -13,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import InvalidUpload, NotFound, UploadTooLarge
-from app.models import Completion, Project, Prompt, Role, Task, TaskState
-from app.services import projects, prompts
+from app.errors import InvalidUpload, NoTaskLeft, NotFound, UploadTooLarge
+from app.models import Completion, Project, Prompt, Role, Snapshot, Task, TaskState, User
+from app.services import judgments, projects, prompts, snapshots, tasks
 from app.settings import Settings
 from tests.factories import login, make_token, make_user
 
@@ -48,7 +49,7 @@ def run_import(
     )
 
 
-def count(db: Session, model: type, project: Project) -> int:
+def count(db: Session, model: type[Any], project: Project) -> int:
     if model is Completion:
         stmt = (
             select(func.count())
@@ -550,7 +551,7 @@ def test_upsert_replaces_text_and_adds_only_new_completions_and_pairs(
     )
     a = prompt_by_id(db, project, "a")
     (old_task,) = db.scalars(select(Task).where(Task.prompt_id == a.id)).all()
-    old_task.judgment_count, old_task.state = 2, TaskState.done  # as if judged
+    old_task.judgment_count, old_task.state = 2, TaskState.done  # counters an upsert keeps
     db.flush()
 
     result = run_import(
@@ -597,7 +598,7 @@ def test_upsert_replaces_text_and_adds_only_new_completions_and_pairs(
     )
     assert (again.prompts_updated, again.completions_created, again.tasks_created) == (1, 0, 0)
     a = prompt_by_id(db, project, "a")
-    assert (a.text, a.messages, a.metadata_) == ("text again", None, {})
+    assert (a.text, a.messages, a.metadata_) == ("text again", None, {"v": 2})  # none given
     assert db.scalar(select(Prompt.id).where(Prompt.id == a.id, Prompt.messages.is_(None))) == a.id
     assert count(db, Completion, project) == 5 and count(db, Task, project) == 4
 
@@ -640,6 +641,281 @@ def test_upsert_past_the_cap_still_pairs_every_new_completion(
     assert result.tasks_created == 1
     a = prompt_by_id(db, project, "a")
     assert any(a.completions[3].id in s for s in task_sets(db, a))
+
+
+JUDGED_TEXT = (
+    "id 'q0' differs from the stored prompt, which has judgments: a judged prompt's text "
+    "cannot change, or its judgments, exports and snapshots would show text the annotators "
+    "never saw (upload it under a new id)"
+)
+JUDGED_METADATA = (
+    "id 'q0' has metadata that differs from the stored prompt's, which has judgments: a judged "
+    "prompt's metadata cannot change, since exports and snapshots of its judgments carry it "
+    "(leave metadata out to keep it as stored, or upload the prompt under a new id)"
+)
+LEASED_TEXT = (
+    "id 'q0' differs from the stored prompt, which is handed to an annotator whose judgment "
+    "is pending: its text cannot change, or that judgment would be about text they never saw "
+    "(upload it under a new id)"
+)
+
+
+@pytest.fixture
+def judged(db: Session, project: Project, settings: Settings) -> dict[str, Any]:
+    """q0 judged by one annotator and frozen in a snapshot; q1 never judged."""
+    run_import(
+        db,
+        project,
+        settings,
+        "v1.jsonl",
+        jsonl(
+            {
+                "id": "q0",
+                "prompt": "Explain TCP.",
+                "completions": ["x", "y"],
+                "metadata": {"topic": "bio", "n": 1},
+            },
+            {"id": "q1", "prompt": "Explain UDP.", "completions": ["u", "v"]},
+        ),
+    )
+    q0 = prompt_by_id(db, project, "q0")
+    (task,) = db.scalars(select(Task).where(Task.prompt_id == q0.id)).all()
+    judgments.record(db, task.id, make_user(db), choice=q0.completions[0].id, now=datetime.now(UTC))
+    snap = snapshots.create(db, project.id, {}, created_by=None)
+    assert snap.row_count == 1
+    return {"snapshot": snap, "q0": q0.id}
+
+
+def snapshot_bytes(factory: sessionmaker[Session], snap: Snapshot) -> bytes:
+    return b"".join(snapshots.stream(factory, snap, shape="pairs", fmt="jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"prompt": "COMPLETELY DIFFERENT PROMPT"}, JUDGED_TEXT),
+        ({"messages": [{"role": "user", "content": "Explain TCP."}]}, JUDGED_TEXT),
+        ({"prompt": "Explain TCP.", "metadata": {"topic": "chem", "n": 1}}, JUDGED_METADATA),
+        ({"prompt": "Explain TCP.", "metadata": {"topic": "bio", "n": 1.0}}, JUDGED_METADATA),
+        ({"prompt": "Explain TCP.", "metadata": {}}, JUDGED_METADATA),
+    ],
+    ids=["text", "text-as-messages", "metadata", "metadata-1-to-1.0", "metadata-cleared"],
+)
+def test_upsert_refuses_to_change_a_judged_prompt_and_imports_nothing(
+    db: Session,
+    session_factory: sessionmaker[Session],
+    project: Project,
+    settings: Settings,
+    judged: dict[str, Any],
+    change: dict[str, Any],
+    error: str,
+) -> None:
+    snap = judged["snapshot"]
+    before = snapshot_bytes(session_factory, snap)
+    errors = expect_invalid(
+        db,
+        project,
+        settings,
+        "v2.jsonl",
+        jsonl(
+            {"id": "new", "prompt": "fresh", "completions": ["m", "n"]},
+            {"id": "q0", "completions": ["x", "y", "z"], **change},
+            {"id": "q1", "prompt": "Explain UDP, changed.", "completions": ["u", "w"]},
+        ),
+        upsert=True,
+    )
+    assert errors == [{"line": 2, "error": error}]
+    q0, q1 = prompt_by_id(db, project, "q0"), prompt_by_id(db, project, "q1")
+    assert (q0.text, q0.messages, q0.metadata_) == ("Explain TCP.", None, {"topic": "bio", "n": 1})
+    assert q1.text == "Explain UDP."  # an allowed row of a refused file is not written either
+    assert count(db, Prompt, project) == 2
+    assert snapshots.verify(db, snap.id).ok
+    assert snapshot_bytes(session_factory, snap) == before
+
+
+def test_a_refused_text_and_metadata_change_lists_both_and_other_bad_lines(
+    db: Session, project: Project, settings: Settings, judged: dict[str, Any]
+) -> None:
+    errors = expect_invalid(
+        db,
+        project,
+        settings,
+        "v2.jsonl",
+        jsonl(
+            {"id": "q0", "prompt": "COMPLETELY DIFFERENT PROMPT", "metadata": {"topic": "x"}},
+            {"id": "bad"},
+        ),
+        upsert=True,
+    )
+    assert errors == [
+        {"line": 1, "error": JUDGED_TEXT},
+        {"line": 1, "error": JUDGED_METADATA},
+        {"line": 2, "error": "missing prompt (or messages)"},
+    ]
+
+
+def test_upsert_of_a_judged_prompt_adds_completions_and_its_snapshot_still_verifies(
+    db: Session,
+    session_factory: sessionmaker[Session],
+    project: Project,
+    settings: Settings,
+    judged: dict[str, Any],
+) -> None:
+    snap = judged["snapshot"]
+    before = snapshot_bytes(session_factory, snap)
+    result = run_import(
+        db,
+        project,
+        settings,
+        "v2.jsonl",
+        jsonl(
+            # Same text; metadata left out (kept), then the same metadata in another key order.
+            {"id": "q0", "prompt": "Explain TCP.", "completions": ["z", "x"]},
+            {"id": "q1", "prompt": "Explain UDP, changed.", "metadata": {"topic": "net"}},
+        ),
+        upsert=True,
+    )
+    assert result == prompts.ImportResult(
+        prompts_created=0, prompts_updated=2, completions_created=1, tasks_created=2, rows=2
+    )
+    again = run_import(
+        db,
+        project,
+        settings,
+        "v3.jsonl",
+        jsonl({"id": "q0", "prompt": "Explain TCP.", "metadata": {"n": 1, "topic": "bio"}}),
+        upsert=True,
+    )
+    assert (again.prompts_updated, again.completions_created) == (1, 0)
+    q0, q1 = prompt_by_id(db, project, "q0"), prompt_by_id(db, project, "q1")
+    assert (q0.text, q0.metadata_) == ("Explain TCP.", {"topic": "bio", "n": 1})
+    assert [c.text for c in q0.completions] == ["x", "y", "z"]
+    x, y, z = (c.id for c in q0.completions)
+    assert sorted(task_sets(db, q0), key=sorted) == sorted(
+        [frozenset((x, y)), frozenset((x, z)), frozenset((y, z))], key=sorted
+    )
+    # The unjudged prompt is updated as documented: new text, metadata replaced.
+    assert (q1.text, q1.metadata_) == ("Explain UDP, changed.", {"topic": "net"})
+    verified = snapshots.verify(db, snap.id)
+    assert (verified.ok, verified.row_count, verified.sha256) == (True, 1, snap.sha256)
+    assert snapshot_bytes(session_factory, snap) == before
+
+
+def test_upsert_refuses_new_text_for_a_prompt_an_annotator_holds_even_after_the_lease_expired(
+    db: Session, project: Project, settings: Settings
+) -> None:
+    run_import(
+        db,
+        project,
+        settings,
+        "v1.jsonl",
+        jsonl({"id": "q0", "prompt": "Explain TCP.", "completions": ["x", "y"]}),
+    )
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    claim = tasks.claim_next(
+        db, project.id, make_user(db), now=hour_ago, rng=random.Random(0), lease_seconds=60
+    )
+    assert claim.prompt.text == "Explain TCP." and claim.lease_expires_at < datetime.now(UTC)
+
+    errors = expect_invalid(
+        db,
+        project,
+        settings,
+        "v2.jsonl",
+        jsonl({"id": "q0", "prompt": "COMPLETELY DIFFERENT PROMPT"}),
+        upsert=True,
+    )
+    assert errors == [{"line": 1, "error": LEASED_TEXT}]
+    # Metadata is not shown to annotators, and nothing exports it before a judgment exists.
+    run_import(
+        db,
+        project,
+        settings,
+        "v3.jsonl",
+        jsonl({"id": "q0", "prompt": "Explain TCP.", "metadata": {"topic": "net"}}),
+        upsert=True,
+    )
+    q0 = prompt_by_id(db, project, "q0")
+    assert (q0.text, q0.metadata_) == ("Explain TCP.", {"topic": "net"})
+
+
+def test_upsert_keeps_metadata_a_row_leaves_out_and_clears_it_with_an_empty_object(
+    db: Session, project: Project, settings: Settings
+) -> None:
+    run_import(
+        db,
+        project,
+        settings,
+        "v1.jsonl",
+        jsonl(
+            {"id": "q0", "prompt": "p0", "metadata": {"topic": "bio"}},
+            {"id": "q1", "prompt": "p1", "metadata": {"topic": "chem"}},
+            {"id": "q2", "prompt": "p2", "metadata": {"topic": "math"}},
+        ),
+    )
+    run_import(
+        db,
+        project,
+        settings,
+        "v2.jsonl",
+        jsonl(
+            {"id": "q0", "prompt": "p0 edited"},
+            {"id": "q1", "prompt": "p1", "metadata": None},
+            {"id": "q2", "prompt": "p2", "metadata": {}},
+        ),
+        upsert=True,
+    )
+    assert [
+        (p.text, p.metadata_) for p in (prompt_by_id(db, project, f"q{i}") for i in range(3))
+    ] == [("p0 edited", {"topic": "bio"}), ("p1", {"topic": "chem"}), ("p2", {})]
+    # A blank CSV cell is a value left out too.
+    data = b'id,prompt,metadata\nq0,p0 again,\nq1,p1,"{""topic"": ""geo""}"\n'
+    run_import(db, project, settings, "v3.csv", data, upsert=True)
+    q0, q1 = prompt_by_id(db, project, "q0"), prompt_by_id(db, project, "q1")
+    assert (q0.text, q0.metadata_, q1.metadata_) == ("p0 again", {"topic": "bio"}, {"topic": "geo"})
+
+
+def test_no_task_of_a_prompt_is_claimed_while_an_upsert_changes_its_text(
+    committed_factory: sessionmaker[Session], settings: Settings, backend: str
+) -> None:
+    """Otherwise a claim between the upsert's check and its commit would show the old text,
+    and that annotator's judgment would be about text no longer stored."""
+    if backend != "postgres":
+        pytest.skip(
+            "SQLite serializes writers with BEGIN IMMEDIATE; concurrency is a Postgres test"
+        )
+    with committed_factory() as s, s.begin():
+        project = projects.create(s, name="race", mode="pairwise", instructions="")
+        run_import(
+            s,
+            project,
+            settings,
+            "v1.jsonl",
+            jsonl({"id": "q0", "prompt": "old", "completions": ["x", "y"]}),
+        )
+        annotator_id = make_user(s).id
+    with committed_factory() as uploading, committed_factory() as claiming:
+        uploading.begin()
+        run_import(
+            uploading,
+            project,
+            settings,
+            "v2.jsonl",
+            jsonl({"id": "q0", "prompt": "new"}),
+            upsert=True,
+        )
+        annotator = claiming.get_one(User, annotator_id)
+        with pytest.raises(NoTaskLeft):
+            tasks.claim_next(
+                claiming, project.id, annotator, now=datetime.now(UTC), rng=random.Random(0)
+            )
+        claiming.rollback()
+        uploading.commit()
+        claim = tasks.claim_next(
+            claiming, project.id, annotator, now=datetime.now(UTC), rng=random.Random(0)
+        )
+        assert claim.prompt.text == "new"
+        claiming.rollback()
 
 
 def test_upsert_into_a_missing_project(db: Session, settings: Settings) -> None:
@@ -719,6 +995,33 @@ def test_api_upload_returns_counts(client: TestClient, db: Session, project: Pro
     )
     assert again.status_code == 201
     assert again.json()["prompts_updated"] == 1 and again.json()["completions_created"] == 1
+
+
+def test_api_upsert_of_a_judged_prompt_is_422_and_the_snapshot_still_verifies(
+    client: TestClient,
+    db: Session,
+    project: Project,
+    settings: Settings,
+    judged: dict[str, Any],
+) -> None:
+    headers = make_token(db, make_user(db, Role.admin))
+    sid = judged["snapshot"].id
+    resp = upload(
+        client,
+        project.id,
+        headers,
+        "prompts.jsonl",
+        jsonl({"id": "q0", "prompt": "COMPLETELY DIFFERENT PROMPT", "completions": ["x", "y"]}),
+        upsert="true",
+    )
+    assert resp.status_code == 422
+    body = resp.json()
+    assert body["error"] == "invalid_upload"
+    assert body["errors"] == [{"line": 1, "error": JUDGED_TEXT}]
+    assert "nothing was imported" in body["detail"] and "line 1: id 'q0'" in body["detail"]
+    verified = client.get(f"/api/v1/snapshots/{sid}/verify", headers=headers).json()
+    assert verified["ok"] is True
+    assert prompt_by_id(db, project, "q0").text == "Explain TCP."
 
 
 def test_api_upload_lists_line_errors(client: TestClient, db: Session, project: Project) -> None:

@@ -490,3 +490,158 @@ def test_tasks_created_by_upload_show_on_the_page(client: TestClient, db: Sessio
     assert (
         db.scalar(select(func.count()).select_from(Task).where(Task.project_id == project.id)) == 3
     )
+
+
+# --- changing settings ------------------------------------------------------------------------
+
+
+def _task_states(db: Session, project: Project) -> list[tuple[int, int, str]]:
+    db.expire_all()
+    rows = db.execute(
+        select(Task.judgment_count, Task.required_judgments, Task.state)
+        .where(Task.project_id == project.id)
+        .order_by(Task.id)
+    )
+    return [(count, required, TaskState(state).value) for count, required, state in rows]
+
+
+def test_update_overlap_applies_to_existing_tasks(db: Session) -> None:
+    """Raising judgments per task reopens done tasks with fewer judgments; lowering it closes
+    open tasks that have enough; retired tasks stay retired; gold tasks keep their own."""
+    project = make_project(db, judgments_per_task=1)
+    users = [make_user(db, Role.annotator) for _ in range(2)]
+    tasks = [make_task(db, project, make_prompt(db, project, ["a", "b"])) for _ in range(4)]
+    for task, judges in zip(tasks, ([users[0]], [users[0], users[1]], [], [users[0]]), strict=True):
+        for user in judges:
+            judge(db, task, user)
+        task.judgment_count = len(judges)
+        task.state = TaskState.done if judges else TaskState.open
+    tasks[3].state = TaskState.retired
+    make_task(db, project, make_prompt(db, project, ["g", "h"]), is_gold=True)
+    db.flush()
+
+    projects.update(db, project.id, {"judgments_per_task": 2})
+    assert project.judgments_per_task == 2
+    assert _task_states(db, project) == [
+        (1, 2, "open"),  # reopened: one more judgment needed
+        (2, 2, "done"),
+        (0, 2, "open"),
+        (1, 1, "retired"),  # untouched
+        (0, 1, "open"),  # gold: open for everyone, whatever the overlap
+    ]
+    projects.update(db, project.id, {"judgments_per_task": 1})
+    assert _task_states(db, project) == [
+        (1, 1, "done"),
+        (2, 1, "done"),
+        (0, 1, "open"),
+        (1, 1, "retired"),
+        (0, 1, "open"),
+    ]
+    assert db.scalar(select(func.count()).select_from(Judgment)) == 4  # nothing removed
+
+
+def test_update_checks_everything_before_changing_anything(db: Session) -> None:
+    project = make_project(db, name="keep", gold_rate=0.0)
+    make_project(db, name="other")
+    before = (project.name, project.gold_rate, project.lease_seconds)
+    for changes, message in [
+        ({"gold_rate": 0.2, "lease_seconds": 5}, "lease_seconds must be from 10"),
+        ({"gold_rate": 1.5}, "gold_rate must be between 0 and 1"),
+        ({"name": "other"}, "already exists"),
+        ({"mode": "ranking"}, "cannot change mode"),
+        ({"judgments_per_task": 0}, "judgments_per_task must be a whole number"),
+    ]:
+        with pytest.raises((InvalidInput, Conflict), match=message):
+            projects.update(db, project.id, changes)
+        db.refresh(project)
+        assert (project.name, project.gold_rate, project.lease_seconds) == before
+    assert projects.update(db, project.id, {"name": "keep"}).name == "keep"  # its own name
+    with pytest.raises(NotFound):
+        projects.update(db, 987654, {"gold_rate": 0.1})
+
+
+def test_api_patch_changes_only_the_given_settings(
+    client: TestClient, db: Session, admin_headers: dict[str, str]
+) -> None:
+    project = make_project(db, instructions="old", lease_seconds=300)
+    resp = client.patch(
+        f"/api/v1/projects/{project.id}",
+        json={"gold_rate": 0.1, "instructions": "new"},
+        headers=admin_headers,
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["gold_rate"], body["instructions"], body["lease_seconds"]) == (0.1, "new", 300)
+    db.refresh(project)
+    assert (project.gold_rate, project.instructions) == (0.1, "new")
+
+    bad = client.patch(
+        f"/api/v1/projects/{project.id}", json={"gold_rate": 2}, headers=admin_headers
+    )
+    assert bad.status_code == 422 and "gold_rate must be between 0 and 1" in bad.text
+    extra = client.patch(
+        f"/api/v1/projects/{project.id}", json={"mode": "ranking"}, headers=admin_headers
+    )
+    assert extra.status_code == 422
+    missing = client.patch(
+        "/api/v1/projects/987654", json={"gold_rate": 0.1}, headers=admin_headers
+    )
+    assert missing.status_code == 404
+    researcher = make_token(db, make_user(db, Role.researcher))
+    forbidden = client.patch(
+        f"/api/v1/projects/{project.id}", json={"gold_rate": 0.5}, headers=researcher
+    )
+    assert forbidden.status_code == 403
+    db.refresh(project)
+    assert project.gold_rate == 0.1
+
+
+def test_settings_form_saves_and_rerenders_errors(client: TestClient, db: Session) -> None:
+    project = make_project(db, name="form-project")
+    csrf = login(client, make_user(db, Role.admin).username)
+    page = client.get(f"/projects/{project.id}").text
+    assert f'action="/projects/{project.id}/settings"' in page
+    fields = {
+        "name": "renamed",
+        "instructions": "Be <kind>.",
+        "judgments_per_task": "3",
+        "lease_seconds": "600",
+        "gold_rate": "0.25",
+    }
+    resp = client.post(
+        f"/projects/{project.id}/settings",
+        data={**fields, "csrf_token": csrf},
+        follow_redirects=False,
+    )
+    assert resp.status_code == 303
+    db.refresh(project)
+    assert (
+        project.name,
+        project.instructions,
+        project.judgments_per_task,
+        project.lease_seconds,
+        project.gold_rate,
+    ) == ("renamed", "Be <kind>.", 3, 600, 0.25)
+    assert "Settings saved." in client.get(resp.headers["location"]).text
+
+    resp = client.post(
+        f"/projects/{project.id}/settings",
+        data={**fields, "name": "again", "gold_rate": "lots", "csrf_token": csrf},
+    )
+    assert resp.status_code == 422 and "gold rate must be a number, not &#39;lots&#39;" in resp.text
+    assert 'value="again"' in resp.text and 'value="lots"' in resp.text
+    db.refresh(project)
+    assert project.name == "renamed"
+    assert client.post(f"/projects/{project.id}/settings", data=fields).status_code == 403
+
+
+def test_create_form_takes_lease_and_gold_rate(client: TestClient, db: Session) -> None:
+    csrf = login(client, make_user(db, Role.admin).username)
+    resp = client.post(
+        "/projects",
+        data={"name": "gold", "lease_seconds": "120", "gold_rate": "0.1", "csrf_token": csrf},
+        follow_redirects=False,
+    )
+    assert resp.status_code == 303
+    project = projects.resolve(db, "gold")
+    assert (project.lease_seconds, project.gold_rate) == (120, 0.1)

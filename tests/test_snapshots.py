@@ -113,7 +113,7 @@ def test_snapshot_is_unchanged_after_new_judgments_pausing_and_gold_changes(
 
 def test_verify_notices_a_changed_prompt(db: Session, project_data: dict[str, Any]) -> None:
     snap = snapshots.create(db, project_data["project"].id, {}, created_by=None)
-    project_data["tasks"][0][0].prompt.text = "Say hello, upserted."  # what a prompt upsert does
+    project_data["tasks"][0][0].prompt.text = "Say hello, upserted."  # an edit outside the app
     db.flush()
     result = snapshots.verify(db, snap.id)
     assert not result.ok and result.row_count == snap.row_count and result.sha256 != snap.sha256

@@ -11,12 +11,20 @@ from fastapi.responses import RedirectResponse, Response
 from app.deps import AdminUser, CurrentUser, Db, ExportUser, SettingsDep
 from app.errors import Conflict, InvalidInput, InvalidUpload, UploadTooLarge
 from app.models import Role
-from app.schemas import ImportOut, ProjectBrief, ProjectDetail, ProjectIn, ProjectOut
+from app.schemas import (
+    ImportOut,
+    ProjectBrief,
+    ProjectDetail,
+    ProjectIn,
+    ProjectOut,
+    ProjectUpdate,
+)
 from app.services import projects, prompts, winrate
 from app.web import render
 
 router = APIRouter()
 FLASH_KEY = "projects_flash"
+SETTINGS_FLASH_KEY = "project_settings_saved"
 
 
 # --- JSON API ---------------------------------------------------------------------------------
@@ -48,6 +56,14 @@ def get_project(project_id: int, user: CurrentUser, db: Db) -> ProjectDetail | P
     )
 
 
+@router.patch("/api/v1/projects/{project_id}", tags=["projects"])
+def update_project(project_id: int, body: ProjectUpdate, user: AdminUser, db: Db) -> ProjectOut:
+    """Change name, instructions, judgments per task (applies to existing tasks: raising it
+    reopens done ones), lease length or gold rate; fields left out stay as they are."""
+    project = projects.update(db, project_id, body.model_dump(exclude_unset=True))
+    return ProjectOut.model_validate(project)
+
+
 @router.post("/api/v1/projects/{project_id}/prompts", status_code=201, tags=["projects"])
 def upload_prompts(
     project_id: int,
@@ -55,7 +71,14 @@ def upload_prompts(
     db: Db,
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="JSONL, CSV or Parquet; all or nothing")],
-    upsert: Annotated[bool, Form(description="update prompts whose ids exist")] = False,
+    upsert: Annotated[
+        bool,
+        Form(
+            description="update prompts whose ids exist: add new completions, replace text "
+            "and metadata (a row without metadata keeps it); refused for a judged prompt's "
+            "text or metadata and a leased prompt's text"
+        ),
+    ] = False,
 ) -> ImportOut:
     data = file.file.read(settings.max_upload_bytes + 1)
     result = prompts.import_upload(
@@ -88,6 +111,8 @@ def create_project_form(
     instructions: Annotated[str, Form()] = "",
     judgments_per_task: Annotated[str, Form()] = "1",
     candidates_per_task: Annotated[str, Form()] = "",
+    lease_seconds: Annotated[str, Form()] = "300",
+    gold_rate: Annotated[str, Form()] = "0",
 ) -> Response:
     """Create from the plain form; a bad value re-renders the form with the message."""
     form = {
@@ -96,6 +121,8 @@ def create_project_form(
         "instructions": instructions,
         "judgments_per_task": judgments_per_task,
         "candidates_per_task": candidates_per_task,
+        "lease_seconds": lease_seconds,
+        "gold_rate": gold_rate,
     }
     try:
         project = projects.create(
@@ -105,6 +132,8 @@ def create_project_form(
             instructions=instructions,
             judgments_per_task=_form_int(judgments_per_task, "judgments per task", default=1),
             candidates_per_task=_form_int(candidates_per_task, "candidates per task"),
+            lease_seconds=_form_int(lease_seconds, "lease seconds", default=300),
+            gold_rate=_form_float(gold_rate, "gold rate", default=0.0),
             created_by=user.id,
         )
     except (InvalidInput, Conflict) as exc:
@@ -117,7 +146,57 @@ def project_page(request: Request, project_id: int, user: ExportUser, db: Db) ->
     result = request.session.pop(FLASH_KEY, None)
     if result is not None and result.get("project_id") != project_id:
         result = None
-    return _render_detail(request, db, project_id, result=result)
+    saved = request.session.pop(SETTINGS_FLASH_KEY, None) == project_id
+    return _render_detail(request, db, project_id, result=result, settings_saved=saved)
+
+
+@router.post("/projects/{project_id}/settings", include_in_schema=False)
+def settings_form(
+    request: Request,
+    project_id: int,
+    user: AdminUser,
+    db: Db,
+    name: Annotated[str, Form()] = "",
+    instructions: Annotated[str, Form()] = "",
+    judgments_per_task: Annotated[str, Form()] = "",
+    lease_seconds: Annotated[str, Form()] = "",
+    gold_rate: Annotated[str, Form()] = "",
+) -> Response:
+    """Save the settings form; a bad value re-renders the page with the message and the
+    values as typed, and changes nothing."""
+    form = {
+        "name": name,
+        "instructions": instructions,
+        "judgments_per_task": judgments_per_task,
+        "lease_seconds": lease_seconds,
+        "gold_rate": gold_rate,
+    }
+    project = projects.get(db, project_id)
+    try:
+        projects.update(
+            db,
+            project_id,
+            {
+                "name": name,
+                "instructions": instructions,
+                "judgments_per_task": _form_int(
+                    judgments_per_task, "judgments per task", project.judgments_per_task
+                ),
+                "lease_seconds": _form_int(lease_seconds, "lease seconds", project.lease_seconds),
+                "gold_rate": _form_float(gold_rate, "gold rate", project.gold_rate),
+            },
+        )
+    except (InvalidInput, Conflict) as exc:  # checked before anything changed
+        return _render_detail(
+            request,
+            db,
+            project_id,
+            settings_form=form,
+            settings_error=exc.message,
+            status_code=exc.status,
+        )
+    request.session[SETTINGS_FLASH_KEY] = project_id
+    return RedirectResponse(f"/projects/{project_id}#settings", status_code=303)
 
 
 @router.post("/projects/{project_id}/prompts/upload", include_in_schema=False)
@@ -178,6 +257,17 @@ def _form_int(value: str, label: str, default: int | None = None) -> Any:
         raise InvalidInput(f"{label} must be a whole number, not {value!r}") from None
 
 
+def _form_float(value: str, label: str, default: float) -> Any:
+    """A decimal number typed into a form; blank means `default`."""
+    value = value.strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidInput(f"{label} must be a number, not {value!r}") from None
+
+
 def _render_list(
     request: Request,
     db: Db,
@@ -201,10 +291,21 @@ def _render_detail(
     *,
     result: dict[str, Any] | None = None,
     failure: dict[str, Any] | None = None,
+    settings_form: dict[str, str] | None = None,
+    settings_error: str | None = None,
+    settings_saved: bool = False,
     status_code: int = 200,
 ) -> Response:
     project, counts = projects.detail(db, project_id)
-    context = {"project": project, "progress": counts, "result": result, "failure": failure}
+    context = {
+        "project": project,
+        "progress": counts,
+        "result": result,
+        "failure": failure,
+        "settings_form": settings_form,
+        "settings_error": settings_error,
+        "settings_saved": settings_saved,
+    }
     viewer = getattr(request.state, "user", None)
     if viewer is not None and viewer.role in (Role.admin, Role.researcher):
         # The loop's three curves (people's win rate, the reward model's, KL) per policy.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import case, exists, func, select
+from sqlalchemy import update as update_
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotFound
@@ -64,15 +65,9 @@ def create(
         raise InvalidInput(f"mode must be one of {modes}, not {mode!r}") from None
     if candidates_per_task is None:
         candidates_per_task = 2 if mode is ProjectMode.pairwise else DEFAULT_RANKING_K
-    _check(bool(name) and len(name) <= NAME_MAX, f"name must be 1 to {NAME_MAX} characters")
-    _check(
-        len(instructions) <= INSTRUCTIONS_MAX,
-        f"instructions must be at most {INSTRUCTIONS_MAX} characters",
-    )
-    _check(
-        _is_int(judgments_per_task) and 1 <= judgments_per_task <= JUDGMENTS_PER_TASK_MAX,
-        f"judgments_per_task must be a whole number from 1 to {JUDGMENTS_PER_TASK_MAX}",
-    )
+    _check_name(name)
+    _check_instructions(instructions)
+    _check_judgments_per_task(judgments_per_task)
     if mode is ProjectMode.pairwise:
         _check(candidates_per_task == 2, "a pairwise project shows exactly 2 candidates per task")
     else:
@@ -81,19 +76,9 @@ def create(
             _is_int(candidates_per_task) and low <= candidates_per_task <= high,
             f"a ranking project shows {low} to {high} candidates per task",
         )
-    low, high = LEASE_SECONDS_RANGE
-    _check(
-        _is_int(lease_seconds) and low <= lease_seconds <= high,
-        f"lease_seconds must be from {low} to {high}",
-    )
-    _check(
-        isinstance(gold_rate, int | float)
-        and not isinstance(gold_rate, bool)
-        and 0.0 <= gold_rate <= 1.0,
-        "gold_rate must be between 0 and 1",
-    )
-    if session.scalar(select(Project.id).where(Project.name == name)) is not None:
-        raise Conflict(f"a project named {name!r} already exists")
+    _check_lease_seconds(lease_seconds)
+    _check_gold_rate(gold_rate)
+    _check_name_free(session, name)
 
     project = Project(
         name=name,
@@ -109,6 +94,61 @@ def create(
     session.add(project)
     session.flush()
     return project
+
+
+EDITABLE = ("name", "instructions", "judgments_per_task", "lease_seconds", "gold_rate")
+"""What can change after creation. Not the mode or candidates per task: every task was built
+with that many candidates."""
+
+
+def update(session: Session, project_id: int, changes: dict[str, Any]) -> Project:
+    """Change a project's settings (the keys of EDITABLE), all checked before any is applied.
+
+    A new `judgments_per_task` applies to the existing non-gold tasks too, as Label Studio's
+    overlap does: each needs that many judgments, so raising it reopens done tasks with fewer
+    and lowering it closes open tasks that already have enough. Retired tasks stay retired,
+    and judgments are never removed. A new `lease_seconds` applies to leases taken from now on.
+    """
+    project = get(session, project_id)
+    unknown = sorted(set(changes) - set(EDITABLE))
+    _check(not unknown, f"cannot change {', '.join(unknown)}; editable: {', '.join(EDITABLE)}")
+    if "name" in changes:
+        changes = {**changes, "name": str(changes["name"]).strip()}
+        _check_name(changes["name"])
+        if changes["name"] != project.name:
+            _check_name_free(session, changes["name"])
+    if "instructions" in changes:
+        _check_instructions(changes["instructions"])
+    if "judgments_per_task" in changes:
+        _check_judgments_per_task(changes["judgments_per_task"])
+    if "lease_seconds" in changes:
+        _check_lease_seconds(changes["lease_seconds"])
+    if "gold_rate" in changes:
+        _check_gold_rate(changes["gold_rate"])
+        changes = {**changes, "gold_rate": float(changes["gold_rate"])}
+
+    for key, value in changes.items():
+        setattr(project, key, value)
+    session.flush()
+    if "judgments_per_task" in changes:
+        _apply_overlap(session, project_id, changes["judgments_per_task"])
+    session.flush()
+    return project
+
+
+def _apply_overlap(session: Session, project_id: int, required: int) -> None:
+    """Every non-gold, non-retired task of the project needs `required` judgments."""
+    real = (Task.project_id == project_id, Task.is_gold.is_(False))
+    session.execute(
+        update_(Task)
+        .where(*real, Task.state != TaskState.retired)
+        .values(
+            required_judgments=required,
+            state=case((Task.judgment_count >= required, TaskState.done), else_=TaskState.open),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.expire_all()
 
 
 def list_all(session: Session) -> list[Project]:
@@ -177,6 +217,49 @@ def detail(session: Session, project_id: int) -> tuple[Project, dict[str, Any]]:
 def list_with_progress(session: Session) -> list[tuple[Project, dict[str, Any]]]:
     """Every project with its counts, for the projects page."""
     return [(project, progress(session, project.id)) for project in list_all(session)]
+
+
+def _check_name(name: str) -> None:
+    _check(
+        isinstance(name, str) and 0 < len(name) <= NAME_MAX,
+        f"name must be 1 to {NAME_MAX} characters",
+    )
+
+
+def _check_name_free(session: Session, name: str) -> None:
+    if session.scalar(select(Project.id).where(Project.name == name)) is not None:
+        raise Conflict(f"a project named {name!r} already exists")
+
+
+def _check_instructions(instructions: str) -> None:
+    _check(
+        isinstance(instructions, str) and len(instructions) <= INSTRUCTIONS_MAX,
+        f"instructions must be at most {INSTRUCTIONS_MAX} characters",
+    )
+
+
+def _check_judgments_per_task(judgments_per_task: int) -> None:
+    _check(
+        _is_int(judgments_per_task) and 1 <= judgments_per_task <= JUDGMENTS_PER_TASK_MAX,
+        f"judgments_per_task must be a whole number from 1 to {JUDGMENTS_PER_TASK_MAX}",
+    )
+
+
+def _check_lease_seconds(lease_seconds: int) -> None:
+    low, high = LEASE_SECONDS_RANGE
+    _check(
+        _is_int(lease_seconds) and low <= lease_seconds <= high,
+        f"lease_seconds must be from {low} to {high}",
+    )
+
+
+def _check_gold_rate(gold_rate: float) -> None:
+    _check(
+        isinstance(gold_rate, int | float)
+        and not isinstance(gold_rate, bool)
+        and 0.0 <= gold_rate <= 1.0,
+        "gold_rate must be between 0 and 1",
+    )
 
 
 def _is_int(value: object) -> bool:

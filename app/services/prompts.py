@@ -45,7 +45,18 @@ from sqlalchemy.orm import Session
 from app.domain import gold as gold_answers
 from app.domain import pairing
 from app.errors import InvalidUpload, UploadTooLarge
-from app.models import Base, Completion, Project, ProjectMode, Prompt, Task, TaskState, utcnow
+from app.models import (
+    Base,
+    Completion,
+    Judgment,
+    Lease,
+    Project,
+    ProjectMode,
+    Prompt,
+    Task,
+    TaskState,
+    utcnow,
+)
 from app.services import gold, projects
 from app.settings import Settings
 
@@ -92,7 +103,9 @@ class Row:
     text: str | None
     messages: list[dict[str, str]] | None
     completions: tuple[str, ...]
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] | None
+    """None when the row has none (or null): a new prompt gets ``{}``, an upserted one keeps
+    what is stored."""
     gold: Any = None
     """The known answer as uploaded (indices into `completions`), or None."""
 
@@ -126,9 +139,12 @@ def import_upload(
     """Check the whole file, then import it: prompts, their completions, and their tasks.
 
     Raises UploadTooLarge past ``settings.max_upload_bytes`` and InvalidUpload listing every
-    bad line. An id already in the project is an error unless `upsert`, which replaces the
-    prompt's text and metadata and adds the completions whose texts are new; nothing is
-    deleted, so judged data stays intact.
+    bad line. An id already in the project is an error unless `upsert`, which adds the
+    row's completions whose texts are new and replaces the stored prompt's text (or
+    messages) and metadata with the row's; a row without metadata keeps the stored one.
+    Nothing is deleted and no completion's text changes. What annotators judged never
+    changes either (see `_plan_updates`): a row that would change a judged prompt's text or
+    metadata, or the text of a prompt handed to an annotator, is a bad line like any other.
     """
     project = projects.get(session, project_id)
     if len(data) > settings.max_upload_bytes:
@@ -149,13 +165,14 @@ def import_upload(
                     f"id {row.external_id!r} already exists in this project "
                     "(upload with upsert to update it)",
                 )
+    new_rows = [row for row in rows if row.external_id not in existing]
+    updated_rows = [row for row in rows if row.external_id in existing]
+    updates = _plan_updates(session, existing, updated_rows, problems) if upsert else {}
     if problems:
         raise invalid_upload(filename, problems)
 
-    new_rows = [row for row in rows if row.external_id not in existing]
-    updated_rows = [row for row in rows if row.external_id in existing]
     prompt_ids = _insert_prompts(session, project.id, new_rows)
-    _update_prompts(session, existing, updated_rows)
+    _update_prompts(session, updates)
     prompt_ids.update({row.external_id: existing[row.external_id] for row in updated_rows})
 
     completions_created, new_completion_ids = _add_completions(session, rows, prompt_ids)
@@ -273,11 +290,9 @@ def validate(record: dict[str, Any], line: int, problems: Problems) -> Row | Non
             bad(error)
 
     metadata = record.get("metadata")
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict):
+    if metadata is not None and not isinstance(metadata, dict):
         bad(f"metadata must be an object, not {_type_name(metadata)}")
-    elif not _json_ok(metadata):
+    elif metadata is not None and not _json_ok(metadata):
         bad("metadata cannot be stored as JSON (NaN, Infinity, invalid Unicode or non-JSON values)")
 
     raw_gold = record.get("gold")
@@ -672,7 +687,7 @@ def _insert_prompts(session: Session, project_id: int, rows: list[Row]) -> dict[
             "project_id": project_id,
             "external_id": r.external_id,
             "text": r.text,
-            "metadata": r.metadata,
+            "metadata": r.metadata if r.metadata is not None else {},
             "priority": 0,
             "created_at": now,
         }
@@ -684,7 +699,7 @@ def _insert_prompts(session: Session, project_id: int, rows: list[Row]) -> dict[
             "project_id": project_id,
             "external_id": r.external_id,
             "messages": r.messages,
-            "metadata": r.metadata,
+            "metadata": r.metadata if r.metadata is not None else {},
             "priority": 0,
             "created_at": now,
         }
@@ -697,18 +712,117 @@ def _insert_prompts(session: Session, project_id: int, rows: list[Row]) -> dict[
     return ids
 
 
-def _update_prompts(session: Session, existing: dict[str, int], rows: list[Row]) -> None:
-    """Upsert: replace text or messages and metadata; completions and tasks are kept."""
+def _plan_updates(
+    session: Session, existing: dict[str, int], rows: list[Row], problems: Problems
+) -> dict[int, dict[str, Any]]:
+    """What each upsert row changes in its stored prompt: per prompt id, the attributes to
+    set, only those whose stored value differs (JSON compared with sorted keys, so a mere
+    reordering rewrites nothing). A change that would alter what annotators judged is added
+    to `problems` instead:
+
+    - the text or messages of a prompt with a judgment (any task of it, gold included):
+      judgments, exports and snapshots would show text the annotators never saw, and a
+      snapshot would no longer verify;
+    - the text or messages of a prompt with a lease on a task of it: the annotator holding
+      it answers about the text shown, and that answer is accepted even after the lease
+      expires (app.services.judgments);
+    - the metadata of a prompt with a judgment: exports carry it on every row of the
+      prompt's judgments, snapshots hash it, and their ``meta.`` filters select by it.
+    """
     if not rows:
-        return
+        return {}
     by_id = {existing[row.external_id]: row for row in rows}
-    for chunk in _chunks(list(by_id), QUERY_CHUNK):
+    updates: dict[int, dict[str, Any]] = {}
+    for chunk in _chunks(sorted(by_id), QUERY_CHUNK):
+        for prompt_id, text, messages, metadata in session.execute(
+            select(Prompt.id, Prompt.text, Prompt.messages, Prompt.metadata_).where(
+                Prompt.id.in_(chunk)
+            )
+        ):
+            row = by_id[prompt_id]
+            values: dict[str, Any] = {}
+            if row.text != text or _canonical(row.messages) != _canonical(messages):
+                values["text"] = row.text
+                # SQL NULL, not the JSON 'null' a plain None would store.
+                values["messages"] = row.messages if row.messages is not None else null()
+            if row.metadata is not None and _canonical(row.metadata) != _canonical(metadata):
+                values["metadata_"] = row.metadata
+            if values:
+                updates[prompt_id] = values
+    judged, leased = _judged_and_leased(session, sorted(updates))
+    for prompt_id, values in updates.items():
+        row = by_id[prompt_id]
+        name = row.external_id
+        if "text" in values and prompt_id in judged:
+            problems.add(
+                row.line,
+                f"id {name!r} differs from the stored prompt, which has judgments: a judged "
+                "prompt's text cannot change, or its judgments, exports and snapshots would "
+                "show text the annotators never saw (upload it under a new id)",
+            )
+        elif "text" in values and prompt_id in leased:
+            problems.add(
+                row.line,
+                f"id {name!r} differs from the stored prompt, which is handed to an annotator "
+                "whose judgment is pending: its text cannot change, or that judgment would be "
+                "about text they never saw (upload it under a new id)",
+            )
+        if "metadata_" in values and prompt_id in judged:
+            problems.add(
+                row.line,
+                f"id {name!r} has metadata that differs from the stored prompt's, which has "
+                "judgments: a judged prompt's metadata cannot change, since exports and "
+                "snapshots of its judgments carry it (leave metadata out to keep it as stored, "
+                "or upload the prompt under a new id)",
+            )
+    return updates
+
+
+def _judged_and_leased(session: Session, prompt_ids: list[int]) -> tuple[set[int], set[int]]:
+    """Of `prompt_ids`, those with a judgment and those with a lease, live or expired.
+
+    Their tasks are locked first (FOR SHARE on Postgres; SQLite serializes writers anyway):
+    judgments, and leases of non-gold tasks, are only written with their task row locked
+    (app.services.tasks), so none can appear between this check and the upload's commit,
+    and a claim skips these tasks until then.
+    """
+    judged: set[int] = set()
+    leased: set[int] = set()
+    for chunk in _chunks(prompt_ids, QUERY_CHUNK):
+        session.execute(
+            select(Task.id).where(Task.prompt_id.in_(chunk)).with_for_update(read=True)
+        ).all()
+        judged.update(
+            session.scalars(
+                select(Task.prompt_id)
+                .join(Judgment, Judgment.task_id == Task.id)
+                .where(Task.prompt_id.in_(chunk))
+                .distinct()
+            )
+        )
+        leased.update(
+            session.scalars(
+                select(Task.prompt_id)
+                .join(Lease, Lease.task_id == Task.id)
+                .where(Task.prompt_id.in_(chunk))
+                .distinct()
+            )
+        )
+    return judged, leased
+
+
+def _canonical(value: Any) -> str:
+    """JSON with sorted keys: equal for the same content in any key order, and unequal for
+    1 and 1.0 or 1 and true (which Python's == confuses, and an export would not)."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _update_prompts(session: Session, updates: dict[int, dict[str, Any]]) -> None:
+    """Upsert: set what `_plan_updates` found changed; completions and tasks are kept."""
+    for chunk in _chunks(sorted(updates), QUERY_CHUNK):
         for prompt in session.scalars(select(Prompt).where(Prompt.id.in_(chunk))):
-            row = by_id[prompt.id]
-            prompt.text = row.text
-            # SQL NULL, not the JSON 'null' a plain None would store.
-            prompt.messages = row.messages if row.messages is not None else null()  # type: ignore[assignment]
-            prompt.metadata_ = row.metadata
+            for attribute, value in updates[prompt.id].items():
+                setattr(prompt, attribute, value)
     session.flush()
 
 

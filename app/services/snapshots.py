@@ -11,8 +11,9 @@ A snapshot is a project's export filters *resolved* at one moment and a judgment
   the same snapshot twice gives byte-identical files.
 
 At creation the canonical pairs JSONL is hashed as it streams (constant memory) into
-``row_count`` and ``sha256``; :func:`verify` recomputes both, e.g. after a prompt upsert
-(which replaces prompt text, the one way stored content can change).
+``row_count`` and ``sha256``; :func:`verify` recomputes both. Uploads never change what
+was judged (a prompt upsert that would change a judged prompt's text or metadata is refused,
+app.services.prompts), so a mismatch means the database was edited by other means.
 
 On Postgres, creation takes a SHARE lock on ``judgments`` for its transaction: ids come from
 a sequence in allocation order, not commit order, so without the lock a judgment with an id
