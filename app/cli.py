@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import secrets
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from rich.console import Console
+from rich.markup import escape
 
 from app.db import make_engine, make_sessionmaker, transaction
-from app.errors import DomainError
+from app.errors import Conflict, DomainError, InvalidInput
 from app.models import Role
 from app.services import users
 from app.settings import Settings
@@ -47,13 +49,32 @@ def _sessions(settings: Settings):  # type: ignore[no-untyped-def]
 
 def _fail(exc: DomainError) -> None:
     """Print the error; an upload's line errors are listed one per line instead of the
-    message's inline preview of the first few."""
+    message's inline preview of the first few. Messages quote user input (file names, field
+    names), so they are never read as rich markup, and a long one is not wrapped."""
     errors = exc.details.get("errors") or []
     headline = exc.message.split(". ", 1)[0] + "." if errors else exc.message
-    err_console.print(f"[red]error:[/red] {headline}")
+    err_console.print(f"[red]error:[/red] {escape(headline)}", soft_wrap=True)
     for item in errors:
-        err_console.print(f"  line {item.get('line')}: {item.get('error')}")
+        line = f"  line {item.get('line')}: {item.get('error')}"
+        err_console.print(line, markup=False, soft_wrap=True)
     raise typer.Exit(code=1)
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of a file named on the command line; a missing or unreadable one is an
+    InvalidInput naming it (one line from `_fail`, not a traceback)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _open_output(path: Path) -> BinaryIO:
+    """A file named on the command line, opened for writing, or InvalidInput naming it."""
+    try:
+        return path.open("wb")
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @db_cli.command("upgrade")
@@ -101,13 +122,25 @@ def user_add(
 
 @user_cli.command("ensure-admin")
 def user_ensure_admin(username: str = "admin") -> None:
-    """Create an admin with a printed random password unless an admin already exists."""
-    with transaction(_sessions(Settings())) as session:
-        if any(u.role is Role.admin for u in users.list_users(session)):
-            console.print("an admin account exists already")
-            return
-        password = secrets.token_urlsafe(12)
-        users.create(session, username, Role.admin, password)
+    """Create an admin with a printed random password unless an active admin exists.
+
+    A paused admin does not count: nobody could log in as it."""
+    try:
+        with transaction(_sessions(Settings())) as session:
+            if users.active_admins(session):
+                console.print("an active admin account exists already")
+                return
+            password = secrets.token_urlsafe(12)
+            users.create(session, username, Role.admin, password)
+    except Conflict as exc:
+        err_console.print(f"[red]error:[/red] there is no active admin, and {exc.message}")
+        for hint in (
+            f"resume it:             prefloop user resume {username}",
+            f"or make it an admin:   prefloop user role {username} admin",
+            "or create another one: prefloop user ensure-admin --username NEW",
+        ):
+            err_console.print(f"  {hint}", markup=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
     console.print(f"created admin [bold]{username}[/bold] with password [bold]{password}[/bold]")
 
 
@@ -119,6 +152,45 @@ def user_list() -> None:
             console.print(f"{u.id}\t{u.username}\t{u.role.value}{state}")
 
 
+def _set_active(username: str, active: bool) -> None:
+    try:
+        with transaction(_sessions(Settings())) as session:
+            user = users.set_active(session, users.get_by_name(session, username).id, active)
+            name = user.username
+    except DomainError as exc:
+        _fail(exc)
+    console.print(f"{'resumed' if active else 'paused'} [bold]{name}[/bold]")
+
+
+@user_cli.command("pause")
+def user_pause(username: str) -> None:
+    """Pause USERNAME: their sessions and API tokens stop working at once.
+
+    The last active admin cannot be paused."""
+    _set_active(username, False)
+
+
+@user_cli.command("resume")
+def user_resume(username: str) -> None:
+    """Resume a paused USERNAME (also how to get back in if every admin is paused)."""
+    _set_active(username, True)
+
+
+@user_cli.command("role")
+def user_role(
+    username: str,
+    role: Annotated[Role, typer.Argument(help="admin, annotator or researcher")],
+) -> None:
+    """Give USERNAME another role (the last active admin cannot be demoted)."""
+    try:
+        with transaction(_sessions(Settings())) as session:
+            user = users.set_role(session, users.get_by_name(session, username).id, role)
+            name = user.username
+    except DomainError as exc:
+        _fail(exc)
+    console.print(f"[bold]{name}[/bold] is now {role.value}")
+
+
 @token_cli.command("create")
 def token_create(username: str, name: str = "cli") -> None:
     """Create an API token for USERNAME and print it once."""
@@ -128,6 +200,49 @@ def token_create(username: str, name: str = "cli") -> None:
     except DomainError as exc:
         _fail(exc)
     print(token)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M") if moment is not None else "never"
+
+
+@token_cli.command("list")
+def token_list(
+    user: Annotated[str | None, typer.Option(help="only this user's tokens")] = None,
+) -> None:
+    """List API tokens (never their secrets).
+
+    Columns: id, user, name, created, last used (UTC), live or revoked."""
+    try:
+        with transaction(_sessions(Settings())) as session:
+            owner = users.get_by_name(session, user).id if user is not None else None
+            rows = [
+                (t.id, t.user.username, t.name, t.created_at, t.last_used_at, t.revoked)
+                for t in users.list_tokens(session, owner)
+            ]
+    except DomainError as exc:
+        _fail(exc)
+    out = ["id\tuser\tname\tcreated\tlast used\tstate"]
+    for token_id, owner_name, name, created, used, revoked in rows:
+        state = "revoked" if revoked else "live"
+        out.append(f"{token_id}\t{owner_name}\t{name}\t{_when(created)}\t{_when(used)}\t{state}")
+    # Token names are free text: printed as they are, never read as rich markup.
+    console.print("\n".join(out), markup=False, highlight=False, soft_wrap=True)
+
+
+@token_cli.command("revoke")
+def token_revoke(token_id: int) -> None:
+    """Revoke the token TOKEN_ID (see `prefloop token list`): its next request gets 401.
+
+    Revoking it again changes nothing."""
+    try:
+        with transaction(_sessions(Settings())) as session:
+            token, newly = users.revoke_token(session, token_id)
+            label = f"token {token.id} ({token.name} of {token.user.username})"
+    except DomainError as exc:
+        _fail(exc)
+    message = f"revoked {label}" if newly else f"{label} was already revoked"
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 @cli.command("serve")
@@ -153,13 +268,14 @@ def import_prompts(
 
     settings = Settings()
     try:
+        data = _read(file)
         with transaction(_sessions(settings)) as session:
             proj = projects.resolve(session, project)
             result = prompts.import_upload(
                 session,
                 proj.id,
                 file.name,
-                file.read_bytes(),
+                data,
                 upsert=upsert,
                 rng=random.Random(),
                 settings=settings,
@@ -242,7 +358,6 @@ def export_rows(
     meta: MetaOpt = None,
 ) -> None:
     """Export PROJECT's judgments (streamed, constant memory)."""
-    from app.errors import InvalidInput
     from app.services import export, projects, snapshots
 
     settings = Settings()
@@ -277,15 +392,18 @@ def export_rows(
         if fmt == "hf":
             if output is None:
                 raise InvalidInput("--format hf writes a directory: name it with -o DIR")
-            count = export.save_to_disk(
-                factory,
-                proj_id,
-                output,
-                shape=shape,
-                filters=filters,
-                selection=selection,
-                ties=ties,
-            )
+            try:
+                count = export.save_to_disk(
+                    factory,
+                    proj_id,
+                    output,
+                    shape=shape,
+                    filters=filters,
+                    selection=selection,
+                    ties=ties,
+                )
+            except OSError as exc:
+                raise InvalidInput(f"cannot write {output}/: {exc.strerror or exc}") from None
             err_console.print(f"wrote {count} rows to {output}/ (datasets.load_from_disk opens it)")
             return
         assert selection is not None
@@ -293,7 +411,7 @@ def export_rows(
         chunks = export.stream_selection(
             factory, proj_id, selection, shape=shape, fmt=fmt, name=name, ties=ties
         )
-        out = output.open("wb") if output else sys.stdout.buffer
+        out = _open_output(output) if output else sys.stdout.buffer
         try:
             for chunk in chunks:
                 out.write(chunk)
@@ -353,13 +471,14 @@ def import_preferences(
 
     settings = Settings()
     try:
+        data = _read(file)
         with transaction(_sessions(settings)) as session:
             proj = projects.resolve(session, project)
             result = preference_import.import_file(
                 session,
                 proj.id,
                 file.name,
-                file.read_bytes(),
+                data,
                 annotator=annotator,
                 settings=settings,
             )

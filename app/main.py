@@ -12,10 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import make_engine, make_sessionmaker
-from app.errors import DomainError, NotAuthenticated
+from app.errors import DomainError, InvalidInput, NotAuthenticated
 from app.routes import (
     admin,
     api_tokens,
@@ -75,6 +76,23 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     )
 
 
+NUMERIC_VALUE_OUT_OF_RANGE = "22003"
+"""The SQLSTATE of Postgres's NumericValueOutOfRange."""
+OUT_OF_RANGE = "value out of range: a number in the request is too large for the database"
+
+
+async def _out_of_range(request: Request, exc: Exception) -> Response:
+    """A number too large for its column, e.g. an id above 2**63 in a path, is the client's
+    mistake: 422. SQLite's driver raises OverflowError for it; Postgres answers
+    NumericValueOutOfRange, which SQLAlchemy wraps in DataError. Other DataErrors stay 500s."""
+    if (
+        isinstance(exc, DataError)
+        and getattr(exc.orig, "sqlstate", None) != NUMERIC_VALUE_OUT_OF_RANGE
+    ):
+        raise exc
+    return await _domain_error(request, InvalidInput(OUT_OF_RANGE))
+
+
 REQUEST_THREADS = 400
 """Worker threads for sync routes and dependencies, per web process (anyio's default is 40)."""
 
@@ -122,6 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OverflowError, _out_of_range)
+    app.add_exception_handler(DataError, _out_of_range)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     routers = (ops, auth, api_tokens, projects, labeling, export, jobs, models, users, admin)
     for module in (*routers, quality, snapshots, loop, webhooks, iterations):

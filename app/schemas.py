@@ -95,6 +95,8 @@ class ImportOut(BaseModel):
     prompts_updated: int
     completions_created: int
     tasks_created: int
+    notes: list[str] = []
+    """What to know about what was written, e.g. gold items that the gold rate 0 never serves."""
     summary: str
 
 

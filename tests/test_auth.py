@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.models import Role
@@ -260,3 +261,181 @@ def test_settings_read_the_environment(monkeypatch):
     s = Settings()
     assert s.database_url == "postgresql+psycopg://u@h/db" and s.lease_seconds == 42
     assert not s.is_sqlite
+
+
+# --- listing and revoking API tokens ---------------------------------------------------------
+
+TOKEN_FIELDS = {"id", "user", "name", "created_at", "last_used_at", "revoked"}
+
+
+def _bearer(client, headers, name):  # type: ignore[no-untyped-def]
+    """A new token made over the API; returns (its id, its headers)."""
+    made = client.post("/api/v1/tokens", json={"name": name}, headers=headers)
+    assert made.status_code == 201
+    listed = client.get("/api/v1/tokens", headers=headers).json()
+    token_id = next(t["id"] for t in listed if t["name"] == name)
+    return token_id, {"Authorization": f"Bearer {made.json()['token']}"}
+
+
+def test_users_list_their_own_tokens_without_secrets(client, db):
+    from sqlalchemy import select
+
+    from app.models import ApiToken
+
+    alice = make_user(db, Role.annotator)
+    headers = make_token(db, alice)
+    make_token(db, make_user(db, Role.annotator))  # someone else's
+    laptop_id, laptop = _bearer(client, headers, "laptop")
+    assert client.get("/api/v1/me", headers=laptop).status_code == 200
+
+    listed = client.get("/api/v1/tokens", headers=headers)
+    assert listed.status_code == 200
+    rows = listed.json()
+    assert [r["name"] for r in rows] == ["test", "laptop"]
+    assert all(set(r) == TOKEN_FIELDS for r in rows)
+    assert {r["user"] for r in rows} == {alice.username}
+    assert all(r["revoked"] is False and r["created_at"] for r in rows)
+    assert rows[1]["id"] == laptop_id and rows[1]["last_used_at"] is not None
+    secrets_ = [h["Authorization"].split()[1] for h in (headers, laptop)]
+    secrets_ += list(db.scalars(select(ApiToken.token_hash)))
+    assert not any(s in listed.text for s in secrets_)
+
+
+def test_admins_list_one_users_or_everyones_tokens_and_others_may_not(client, db):
+    admin = make_user(db, Role.admin)
+    admin_headers = make_token(db, admin)
+    ann = make_user(db, Role.annotator)
+    ann_headers = make_token(db, ann)
+    res = make_user(db, Role.researcher)
+    make_token(db, res)
+
+    only_ann = client.get(f"/api/v1/tokens?user={ann.username}", headers=admin_headers).json()
+    assert [t["user"] for t in only_ann] == [ann.username]
+    everyone = client.get("/api/v1/tokens?all=true", headers=admin_headers).json()
+    assert sorted(t["user"] for t in everyone) == sorted(
+        [admin.username, ann.username, res.username]
+    )
+    own = client.get("/api/v1/tokens", headers=admin_headers).json()
+    assert [t["user"] for t in own] == [admin.username]
+    unknown = client.get("/api/v1/tokens?user=ghost", headers=admin_headers)
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "no user 'ghost'"
+
+    for query in (f"user={res.username}", "all=true"):
+        resp = client.get(f"/api/v1/tokens?{query}", headers=ann_headers)
+        assert resp.status_code == 403 and resp.json()["error"] == "forbidden"
+    # Naming yourself is fine.
+    assert len(client.get(f"/api/v1/tokens?user={ann.username}", headers=ann_headers).json()) == 1
+
+
+def test_revoking_a_token_ends_it_at_the_next_request(client, db):
+    user = make_user(db, Role.researcher)
+    headers = make_token(db, user)
+    token_id, leaked = _bearer(client, headers, "leaked")
+    assert client.get("/api/v1/me", headers=leaked).status_code == 200
+
+    resp = client.delete(f"/api/v1/tokens/{token_id}", headers=headers)
+    assert resp.status_code == 200
+    assert resp.json()["id"] == token_id and resp.json()["revoked"] is True
+    gone = client.get("/api/v1/me", headers=leaked)
+    assert gone.status_code == 401 and gone.json()["detail"] == "invalid or revoked API token"
+    assert client.get("/api/v1/me", headers=headers).status_code == 200  # the other one lives
+    listed = {t["id"]: t["revoked"] for t in client.get("/api/v1/tokens", headers=headers).json()}
+    assert listed[token_id] is True
+
+    again = client.delete(f"/api/v1/tokens/{token_id}", headers=headers)  # idempotent
+    assert again.status_code == 200 and again.json()["revoked"] is True
+    missing = client.delete("/api/v1/tokens/999999", headers=headers)
+    assert missing.status_code == 404 and missing.json()["detail"] == "no token 999999"
+
+
+def test_a_token_can_revoke_itself(client, db):
+    user = make_user(db)
+    headers = make_token(db, user)
+    token_id = client.get("/api/v1/tokens", headers=headers).json()[0]["id"]
+    assert client.delete(f"/api/v1/tokens/{token_id}", headers=headers).status_code == 200
+    assert client.get("/api/v1/me", headers=headers).status_code == 401
+
+
+def test_only_the_owner_or_an_admin_revokes_a_token(client, db):
+    owner = make_user(db)
+    owner_headers = make_token(db, owner)
+    token_id = client.get("/api/v1/tokens", headers=owner_headers).json()[0]["id"]
+    other = make_token(db, make_user(db, Role.researcher))
+    # Someone else's token is "not found", so ids do not reveal whose tokens exist.
+    resp = client.delete(f"/api/v1/tokens/{token_id}", headers=other)
+    assert resp.status_code == 404
+    assert client.get("/api/v1/me", headers=owner_headers).status_code == 200
+
+    admin = make_token(db, make_user(db, Role.admin))
+    assert client.delete(f"/api/v1/tokens/{token_id}", headers=admin).json()["revoked"] is True
+    assert client.get("/api/v1/me", headers=owner_headers).status_code == 401
+
+
+def test_revoking_from_the_browser_needs_csrf(client, db):
+    user = make_user(db)
+    csrf = login(client, user.username)
+    made = client.post("/api/v1/tokens", json={"name": "x"}, headers={"X-CSRF-Token": csrf})
+    token_id = client.get("/api/v1/tokens").json()[0]["id"]
+    assert client.delete(f"/api/v1/tokens/{token_id}").status_code == 403
+    ok = client.delete(f"/api/v1/tokens/{token_id}", headers={"X-CSRF-Token": csrf})
+    assert ok.status_code == 200
+    bearer = {"Authorization": f"Bearer {made.json()['token']}"}
+    assert client.get("/api/v1/me", headers=bearer).status_code == 401
+
+
+def test_a_paused_users_token_says_the_account_is_paused(client, db):
+    from app.services import users
+
+    user = make_user(db)
+    headers = make_token(db, user)
+    users.set_active(db, user.id, False)
+    db.flush()
+    resp = client.get("/api/v1/me", headers=headers)
+    assert resp.status_code == 401 and resp.json()["error"] == "not_authenticated"
+    assert resp.json()["detail"] == "this account is paused; ask an admin to resume it"
+    unknown = client.get("/api/v1/me", headers={"Authorization": "Bearer pfl_nope"})
+    assert unknown.json()["detail"] == "invalid or revoked API token"
+
+
+def test_cli_token_list_and_revoke(committed_factory, backend_settings, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from app.db import transaction
+    from app.main import create_app
+
+    monkeypatch.setenv("PREFLOOP_DATABASE_URL", backend_settings.database_url)
+    monkeypatch.chdir(tmp_path)
+    with transaction(committed_factory) as session:
+        make_user(session, Role.annotator, username="tok-ann")
+        make_user(session, Role.researcher, username="tok-res")
+    runner = CliRunner()
+    assert "list" in runner.invoke(cli, ["token", "--help"]).output
+    made = runner.invoke(cli, ["token", "create", "tok-ann", "--name", "laptop"])
+    assert made.exit_code == 0, made.output
+    secret = made.output.strip()
+    assert runner.invoke(cli, ["token", "create", "tok-res", "--name", "ci"]).exit_code == 0
+
+    everyone = runner.invoke(cli, ["token", "list"])
+    assert everyone.exit_code == 0, everyone.output
+    assert "tok-ann" in everyone.output and "tok-res" in everyone.output
+    assert secret not in everyone.output
+    mine = runner.invoke(cli, ["token", "list", "--user", "tok-ann"])
+    lines = [line for line in mine.output.splitlines() if "laptop" in line]
+    assert len(lines) == 1 and "tok-res" not in mine.output and "live" in lines[0]
+    token_id = int(lines[0].split()[0])
+
+    with TestClient(create_app(backend_settings)) as web:
+        bearer = {"Authorization": f"Bearer {secret}"}
+        assert web.get("/api/v1/me", headers=bearer).status_code == 200
+        revoked = runner.invoke(cli, ["token", "revoke", str(token_id)])
+        assert revoked.exit_code == 0, revoked.output
+        assert f"revoked token {token_id} (laptop of tok-ann)" in revoked.output
+        assert web.get("/api/v1/me", headers=bearer).status_code == 401
+    again = runner.invoke(cli, ["token", "revoke", str(token_id)])
+    assert again.exit_code == 0 and "already revoked" in again.output
+    assert "revoked" in runner.invoke(cli, ["token", "list", "--user", "tok-ann"]).output
+    missing = runner.invoke(cli, ["token", "revoke", "999999"])
+    assert missing.exit_code == 1 and "no token 999999" in missing.output
+    nobody = runner.invoke(cli, ["token", "list", "--user", "ghost"])
+    assert nobody.exit_code == 1 and "no user 'ghost'" in nobody.output

@@ -349,6 +349,20 @@ def test_upload_gold_rows_make_gold_tasks_over_their_completions_in_order(db):
     )
     assert (result.tasks_created, result.gold_tasks) == (3, 2)
     assert "3 tasks created (2 gold)" in result.summary()
+    # make_project leaves the gold rate at 0: the upload says the items will not be served
+    assert result.notes == (
+        "The project's gold rate is 0, so gold items are not served: "
+        "set it in the project's settings",
+    )
+    assert result.summary().endswith(result.notes[0])
+    project.gold_rate = 0.1
+    again = upload(
+        db,
+        project,
+        "more.jsonl",
+        [{"id": "g3", "prompt": "3+3?", "completions": ["6", "7"], "gold": 0}],
+    )
+    assert again.gold_tasks == 1 and again.notes == ()
     rows = db.execute(
         select(Task, Judgment.id)
         .outerjoin(Judgment, Judgment.task_id == Task.id)

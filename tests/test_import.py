@@ -275,6 +275,10 @@ def test_ranking_project_gets_one_task_per_prompt(db: Session, settings: Setting
     r1 = prompt_by_id(db, project, "r1")
     (task_set,) = task_sets(db, r1)
     assert len(task_set) == 3 and task_set <= {c.id for c in r1.completions}
+    # r1's 5 completions fill one task of 3: the upload says 2 are left out
+    assert result.notes == (
+        "2 completions are in no task: a ranking task shows 3 of a prompt's completions",
+    )
     (pair,) = task_sets(db, prompt_by_id(db, project, "r2"))
     assert len(pair) == 2
 
@@ -983,6 +987,7 @@ def test_api_upload_returns_counts(client: TestClient, db: Session, project: Pro
         "prompts_updated": 0,
         "completions_created": 3,
         "tasks_created": 3,
+        "notes": [],
         "summary": "1 rows: 1 prompts created, 0 updated, 3 completions added, 3 tasks created",
     }
     again = upload(

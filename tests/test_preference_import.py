@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
@@ -201,6 +202,67 @@ def test_same_file_twice_and_a_persons_account_are_refused(db: Session) -> None:
         run(db, project, lines(HH[1:]), who="bad name!")
 
 
+def judgment_keys(db: Session, project: Project) -> list[str | None]:
+    return list(
+        db.scalars(
+            select(Judgment.client_key)
+            .where(Judgment.project_id == project.id)
+            .order_by(Judgment.client_key)
+        )
+    )
+
+
+def test_same_file_into_two_projects(db: Session) -> None:
+    """Client keys are unique across the database: they name the project (was a 500)."""
+    first, second = make_project(db), make_project(db)
+    run(db, first, lines(HH))
+    result = run(db, second, lines(HH))
+    assert (result.rows, result.prompts_created, result.judgments_created) == (2, 2, 2)
+    sha = hashlib.sha256(lines(HH)).hexdigest()[:24]
+    assert judgment_keys(db, first) == [f"import:{first.id}:{sha}:1", f"import:{first.id}:{sha}:2"]
+    assert judgment_keys(db, second) == [
+        f"import:{second.id}:{sha}:1",
+        f"import:{second.id}:{sha}:2",
+    ]
+    with pytest.raises(Conflict, match=f"already imported into project {second.id}"):
+        run(db, second, lines(HH))
+
+
+def test_files_imported_with_the_old_keys_are_still_recognised(db: Session) -> None:
+    """Databases imported into before keys named the project keep `import:<sha>:<line>`."""
+    first, second = make_project(db), make_project(db)
+    run(db, first, lines(HH))
+    sha = hashlib.sha256(lines(HH)).hexdigest()[:24]
+    for judgment in db.scalars(select(Judgment).where(Judgment.project_id == first.id)):
+        line = judgment.client_key.rsplit(":", 1)[1]  # type: ignore[union-attr]
+        judgment.client_key = f"import:{sha}:{line}"
+    db.flush()
+    assert judgment_keys(db, first) == [f"import:{sha}:1", f"import:{sha}:2"]
+    with pytest.raises(Conflict, match="already imported"):
+        run(db, first, lines(HH))
+    assert run(db, second, lines(HH)).judgments_created == 2
+    assert judgment_keys(db, first) == [f"import:{sha}:1", f"import:{sha}:2"]
+
+
+def test_a_unique_clash_while_writing_is_a_conflict_and_writes_nothing(db: Session) -> None:
+    """A client already sent the key the import would give line 1: 409, not a 500."""
+    elsewhere, project = make_project(db), make_project(db)
+    run(db, elsewhere, lines(HH[:1]), who="other-source")
+    sha = hashlib.sha256(lines(HH)).hexdigest()
+    db.execute(
+        update(Judgment)
+        .where(Judgment.project_id == elsewhere.id)
+        .values(client_key=preference_import.client_key(project.id, sha, 1))
+    )
+    with pytest.raises(Conflict, match=f"into project {project.id} clashed"):
+        run(db, project, lines(HH))
+    # Nothing of the import is left, and the session goes on working.
+    assert db.scalar(select(func.count()).where(Prompt.project_id == project.id)) == 0
+    assert db.scalar(select(User.id).where(User.username == "hh-rlhf")) is None
+    db.refresh(project)
+    assert project.settings == {}
+
+
 def test_api_import(client, db: Session) -> None:  # type: ignore[no-untyped-def]
     project = make_project(db)
     url = f"/api/v1/projects/{project.id}/preferences"
@@ -225,6 +287,26 @@ def test_api_import(client, db: Session) -> None:  # type: ignore[no-untyped-def
     assert resp.status_code == 409
 
 
+def test_api_import_of_one_file_into_two_projects(client, db: Session) -> None:  # type: ignore[no-untyped-def]
+    first, second = make_project(db), make_project(db)
+    admin = make_token(db, make_user(db, Role.admin))
+    files = {"file": ("p2.jsonl", lines(HH), "application/x-ndjson")}
+    for project in (first, second):
+        url = f"/api/v1/projects/{project.id}/preferences"
+        resp = client.post(url, files=files, data={"annotator": "ext"}, headers=admin)
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["judgments_created"] == 2
+    resp = client.post(
+        f"/api/v1/projects/{second.id}/preferences",
+        files=files,
+        data={"annotator": "ext"},
+        headers=admin,
+    )
+    assert resp.status_code == 409
+    assert resp.json()["error"] == "conflict"
+    assert f"already imported into project {second.id}" in resp.json()["detail"]
+
+
 def test_cli_import_preferences(
     committed_factory: sessionmaker[Session],
     backend_settings,  # type: ignore[no-untyped-def]
@@ -245,3 +327,39 @@ def test_cli_import_preferences(
     assert again.exit_code == 1 and "already imported" in again.output
     with transaction(committed_factory) as session:
         assert session.scalar(select(func.count()).select_from(Completion)) == 4
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["import-preferences", "hh-project", "{path}", "--annotator", "hh"],
+        ["import", "hh-project", "{path}"],
+        ["export", "hh-project", "-o", "{path}"],
+    ],
+    ids=["import-preferences", "import", "export"],
+)
+def test_cli_file_that_cannot_be_used_is_a_one_line_error(
+    committed_factory: sessionmaker[Session],
+    backend_settings,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    command: list[str],
+) -> None:
+    """A missing file or a directory where a file should be was a traceback; now it is one
+    line, `error: cannot read|write PATH: why`, exit code 1, and nothing is written."""
+    monkeypatch.setenv("PREFLOOP_DATABASE_URL", backend_settings.database_url)
+    monkeypatch.chdir(tmp_path)
+    with transaction(committed_factory) as session:
+        make_project(session, name="hh-project")
+    runner = CliRunner()
+    writes = command[0] == "export"
+    missing = tmp_path / "no such dir [1]" / "missing.jsonl"
+    for path, reason in ((missing, "No such file or directory"), (tmp_path, "Is a directory")):
+        result = runner.invoke(cli, [str(path) if a == "{path}" else a for a in command])
+        assert result.exit_code == 1, result.output
+        verb = "write" if writes else "read"
+        assert result.output.splitlines() == [f"error: cannot {verb} {path}: {reason}"]
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    with transaction(committed_factory) as session:
+        assert session.scalar(select(func.count()).select_from(Prompt)) == 0
+        assert session.scalar(select(func.count()).select_from(User)) == 0

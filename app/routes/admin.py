@@ -196,7 +196,7 @@ def admin_set_active(
     project_id: int, user_id: int, db: Db, _admin: AdminUser, active: Annotated[bool, Form()]
 ) -> Response:
     """Pause or resume an annotator from the project's admin page."""
-    users.set_active(db, user_id, active)
+    users.set_active(db, user_id, active, by=_admin)
     return RedirectResponse(f"/projects/{project_id}/admin#annotators", status_code=303)
 
 

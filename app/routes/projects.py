@@ -90,7 +90,7 @@ def upload_prompts(
         rng=random.Random(),
         settings=settings,
     )
-    return ImportOut(**_counts(result), summary=result.summary())
+    return ImportOut(**_counts(result), notes=list(result.notes), summary=result.summary())
 
 
 # --- pages ------------------------------------------------------------------------------------

@@ -38,10 +38,21 @@ from pathlib import PurePath
 from typing import Any
 
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, UploadTooLarge
-from app.models import Completion, Judgment, Prompt, Role, Task, TaskState, User, utcnow
+from app.models import (
+    Completion,
+    Judgment,
+    Project,
+    Prompt,
+    Role,
+    Task,
+    TaskState,
+    User,
+    utcnow,
+)
 from app.services import projects, users
 from app.services.prompts import Problems, invalid_upload, jsonl_records
 from app.services.quality import EXTERNAL_KEY
@@ -281,6 +292,11 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]
         yield items[start : start + size]
 
 
+def client_key(project_id: int, file_sha: str, line: int) -> str:
+    """The client key of the judgment imported from `line` of a file into a project."""
+    return f"import:{project_id}:{file_sha[:24]}:{line}"
+
+
 def import_file(
     session: Session,
     project_id: int,
@@ -290,7 +306,14 @@ def import_file(
     annotator: str,
     settings: Settings,
 ) -> ImportResult:
-    """Check the whole file, then write prompts, completions, done tasks and judgments."""
+    """Check the whole file, then write prompts, completions, done tasks and judgments.
+
+    The project row is locked before the duplicate check (Postgres; SQLite serializes
+    writers anyway), so two imports into one project run one after the other and the second
+    sees the first's file in the project's settings. A unique constraint that still fails (a
+    prompt id, the annotator's name or a client key written at the same moment by something
+    else) is a Conflict, and nothing is written.
+    """
     project = projects.get(session, project_id)
     if len(data) > settings.max_upload_bytes:
         raise UploadTooLarge(
@@ -299,6 +322,13 @@ def import_file(
         )
     if not annotator or not annotator.strip():
         raise InvalidInput("name the annotator the preferences are imported as")
+    problems = Problems()
+    rows = parse(filename, data, problems)
+    if problems.total:
+        raise invalid_upload(filename, problems)
+    # FOR NO KEY UPDATE: the lock the settings update at the end takes anyway, taken early.
+    # It does not hold up judgments written meanwhile (their foreign key takes KEY SHARE).
+    session.refresh(project, with_for_update={"key_share": True})
     file_sha = _sha(data)
     imports = list((project.settings or {}).get(IMPORTS_KEY) or [])
     earlier = next((i for i in imports if i.get("sha256") == file_sha), None)
@@ -307,10 +337,28 @@ def import_file(
             f"this file was already imported into project {project_id} "
             f"(as {earlier.get('annotator')!r} at {earlier.get('at')})"
         )
+    try:
+        with session.begin_nested():
+            return _write(session, project, filename, file_sha, rows, annotator)
+    except IntegrityError:
+        raise Conflict(
+            f"importing {filename or 'the file'} into project {project_id} clashed with rows "
+            "written at the same moment (a prompt id, the annotator's name or a client key); "
+            "nothing was imported, try again"
+        ) from None
+
+
+def _write(
+    session: Session,
+    project: Project,
+    filename: str,
+    file_sha: str,
+    rows: list[Preference],
+    annotator: str,
+) -> ImportResult:
+    """Write the rows of a checked file (see import_file)."""
+    project_id = project.id
     problems = Problems()
-    rows = parse(filename, data, problems)
-    if problems.total:
-        raise invalid_upload(filename, problems)
     user, created = _annotator(session, annotator)
     now = utcnow()
 
@@ -434,7 +482,7 @@ def import_file(
                 "ranking": [[chosen], [rejected]],
                 "none_acceptable": False,
                 "display_order": [],
-                "client_key": f"import:{file_sha[:24]}:{row.line}",
+                "client_key": client_key(project_id, file_sha, row.line),
                 "is_gold": False,
                 "created_at": now,
             }
@@ -449,11 +497,11 @@ def import_file(
         "rows": len(rows),
         "at": now.isoformat(),
     }
-    external = sorted({*((project.settings or {}).get(EXTERNAL_KEY) or []), user.username})
+    current = project.settings or {}
     project.settings = {
-        **(project.settings or {}),
-        IMPORTS_KEY: [*imports, record],
-        EXTERNAL_KEY: external,
+        **current,
+        IMPORTS_KEY: [*(current.get(IMPORTS_KEY) or []), record],
+        EXTERNAL_KEY: sorted({*(current.get(EXTERNAL_KEY) or []), user.username}),
     }
     session.flush()
     return ImportResult(

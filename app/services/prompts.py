@@ -84,13 +84,16 @@ class ImportResult:
     rows: int
     gold_tasks: int = 0
     """Of `tasks_created`, how many are gold (or existing tasks made gold)."""
+    notes: tuple[str, ...] = ()
+    """What the admin should know about what was written (nothing was refused for it)."""
 
     def summary(self) -> str:
         gold_part = f" ({self.gold_tasks} gold)" if self.gold_tasks else ""
+        notes = "".join(f". {note}" for note in self.notes)
         return (
             f"{self.rows} rows: {self.prompts_created} prompts created, "
             f"{self.prompts_updated} updated, {self.completions_created} completions added, "
-            f"{self.tasks_created} tasks created{gold_part}"
+            f"{self.tasks_created} tasks created{gold_part}{notes}"
         )
 
 
@@ -178,7 +181,7 @@ def import_upload(
     completions_created, new_completion_ids = _add_completions(session, rows, prompt_ids)
     gold_rows = [row for row in rows if row.gold is not None]
     gold_prompts = {prompt_ids[row.external_id] for row in gold_rows}
-    tasks_created = _add_tasks(
+    tasks_created, unranked = _add_tasks(
         session,
         project,
         {pid: ids for pid, ids in new_completion_ids.items() if pid not in gold_prompts},
@@ -187,6 +190,17 @@ def import_upload(
         rng,
     )
     gold_created = gold.add_tasks(session, project, _gold_specs(session, gold_rows, prompt_ids))
+    notes = []
+    if unranked:
+        notes.append(
+            f"{unranked} completions are in no task: a ranking task shows "
+            f"{project.candidates_per_task} of a prompt's completions"
+        )
+    if gold_created and not project.gold_rate:
+        notes.append(
+            "The project's gold rate is 0, so gold items are not served: "
+            "set it in the project's settings"
+        )
     return ImportResult(
         prompts_created=len(new_rows),
         prompts_updated=len(updated_rows),
@@ -194,6 +208,7 @@ def import_upload(
         tasks_created=tasks_created + gold_created,
         rows=len(rows),
         gold_tasks=gold_created,
+        notes=tuple(notes),
     )
 
 
@@ -867,15 +882,17 @@ def _add_tasks(
     old_prompt_ids: set[int],
     max_pairs: int,
     rng: random.Random,
-) -> int:
+) -> tuple[int, int]:
     """Tasks for every prompt that got new completions; no task repeats an existing one.
+    Returns (tasks created, completions of those prompts left in no task).
 
     Pairwise: every pair (or a covering sample of at most `max_pairs`) via app.domain.pairing.
-    Ranking: one task per prompt over up to K completions, new ones first. Only prompts that
-    existed before the import (`old_prompt_ids`) can have older completions and tasks.
+    Ranking: one task per prompt over up to K completions, new ones first, so a prompt with
+    more than K leaves the rest out. Only prompts that existed before the import
+    (`old_prompt_ids`) can have older completions and tasks.
     """
     if not new_completion_ids:
-        return 0
+        return 0, 0
     prompt_ids = sorted(new_completion_ids)
     all_ids: dict[int, list[int]] = {pid: sorted(new_completion_ids[pid]) for pid in prompt_ids}
     existing_sets: dict[int, list[frozenset[int]]] = defaultdict(list)
@@ -895,6 +912,7 @@ def _add_tasks(
             existing_sets[prompt_id].append(frozenset(completion_ids))
 
     candidate_sets: list[tuple[int, Sequence[int]]] = []
+    unranked = 0
     for prompt_id in prompt_ids:
         ids, existing = all_ids[prompt_id], existing_sets[prompt_id]
         if project.mode is ProjectMode.ranking:
@@ -903,6 +921,8 @@ def _add_tasks(
             )
             if chosen and frozenset(chosen) not in existing:
                 candidate_sets.append((prompt_id, chosen))
+            covered = frozenset(chosen).union(*existing)
+            unranked += sum(1 for c in ids if c not in covered)
         else:
             pairs: Iterable[tuple[int, int]] = (
                 pairing.extend_pairs(ids, set(existing), max_pairs, rng)
@@ -927,4 +947,4 @@ def _add_tasks(
         for prompt_id, ids in candidate_sets
     ]
     _insert_many(session, Task, params)
-    return len(params)
+    return len(params), unranked

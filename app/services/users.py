@@ -15,8 +15,8 @@ from typing import cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Table, bindparam, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, bindparam, func, or_, select, update
+from sqlalchemy.orm import Session, joinedload
 
 from app.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
 from app.models import ApiToken, Role, User, utcnow
@@ -36,18 +36,29 @@ def _hash_token(token: str) -> str:
 
 
 def create(session: Session, username: str, role: Role, password: str | None) -> User:
-    """Create a user; a user with no password can only use API tokens."""
+    """Create a user; a user with no password can only use API tokens.
+
+    Names are unique regardless of case (`Alice` is refused when `alice` exists), checked
+    here rather than by an index on lower(username): a database may already hold names that
+    differ only in case, and those accounts keep logging in by their exact name. Names are
+    ASCII: SQLite's lower() folds ASCII only, and non-ASCII look-alikes ("Аlice" with a
+    Cyrillic А) would defeat the point of the check.
+    """
     username = username.strip()
     if (
         not username
         or len(username) > 64
+        or not username.isascii()
         or not username.replace("-", "").replace("_", "").replace(".", "").isalnum()
     ):
-        raise InvalidInput("username must be 1-64 letters, digits, '.', '-' or '_'")
+        raise InvalidInput("username must be 1-64 ASCII letters, digits, '.', '-' or '_'")
     if password is not None and len(password) < 8:
         raise InvalidInput("password must be at least 8 characters")
-    if session.scalar(select(User).where(User.username == username)) is not None:
-        raise Conflict(f"user {username!r} already exists")
+    taken = session.scalar(
+        select(User.username).where(func.lower(User.username) == username.lower()).limit(1)
+    )
+    if taken is not None:
+        raise Conflict(f"user {taken!r} already exists (usernames ignore case)")
     user = User(
         username=username,
         role=role,
@@ -60,7 +71,15 @@ def create(session: Session, username: str, role: Role, password: str | None) ->
 
 
 def get_by_name(session: Session, username: str) -> User:
+    """The user named exactly `username`, else the one user whose name matches it ignoring
+    case (names made before case-insensitive uniqueness may differ only in case: then only
+    the exact name finds one)."""
     user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        matches = session.scalars(
+            select(User).where(func.lower(User.username) == username.lower()).limit(2)
+        ).all()
+        user = matches[0] if len(matches) == 1 else None
     if user is None:
         raise NotFound(f"no user {username!r}")
     return user
@@ -82,12 +101,61 @@ def authenticate(session: Session, username: str, password: str) -> User:
     return user
 
 
-def set_active(session: Session, user_id: int, active: bool) -> User:
+def _get(session: Session, user_id: int) -> User:
     user = session.get(User, user_id)
     if user is None:
         raise NotFound(f"no user {user_id}")
+    return user
+
+
+def _keep_an_active_admin(session: Session, user: User, change: str) -> None:
+    """Refuse to take away the last active admin (nobody could manage users after it).
+
+    The active admins' rows are locked first, so two admins pausing each other at once are
+    serialised on Postgres (the second re-reads and sees one admin left); SQLite has one
+    writer at a time anyway.
+    """
+    if user.role is not Role.admin or not user.active:
+        return
+    admins = session.scalars(
+        select(User.id).where(User.role == Role.admin, User.active.is_(True)).with_for_update()
+    ).all()
+    if not set(admins) - {user.id}:
+        raise Conflict(
+            f"{user.username!r} is the last active admin; cannot {change} them "
+            "(make or resume another admin first)"
+        )
+
+
+def set_active(session: Session, user_id: int, active: bool, *, by: User | None = None) -> User:
+    """Pause or resume a user. `by` is the admin doing it (None from the CLI): nobody pauses
+    their own account, and the last active admin is never paused."""
+    user = _get(session, user_id)
+    if not active:
+        if by is not None and by.id == user.id:
+            raise Conflict("you cannot pause your own account; another admin can")
+        _keep_an_active_admin(session, user, "pause")
     user.active = active
     return user
+
+
+def set_role(session: Session, user_id: int, role: Role) -> User:
+    """Change a user's role; the last active admin is never demoted (demoting yourself is
+    fine while another admin is active)."""
+    user = _get(session, user_id)
+    if role is not Role.admin:
+        _keep_an_active_admin(session, user, "demote")
+    user.role = role
+    return user
+
+
+def active_admins(session: Session) -> list[User]:
+    """Admins who can log in (a paused admin cannot manage anything)."""
+    return list(
+        session.scalars(
+            select(User).where(User.role == Role.admin, User.active.is_(True)).order_by(User.id)
+        )
+    )
 
 
 def create_token(session: Session, user: User, name: str) -> str:
@@ -124,8 +192,10 @@ def user_for_token(session: Session, token: str, *, now: datetime | None = None)
     """The active user a live token belongs to, from one statement; NotAuthenticated if the
     token is unknown or revoked or its user is paused."""
     row = session.execute(_TOKEN_USER, {"token_hash": _hash_token(token)}).first()
-    if row is None or not row[0].active:
+    if row is None:
         raise NotAuthenticated("invalid or revoked API token")
+    if not row[0].active:
+        raise NotAuthenticated("this account is paused; ask an admin to resume it")
     user, token_id, last_used_at = row
     now = now or utcnow()
     if token_needs_touch(last_used_at, now):
@@ -141,11 +211,31 @@ def user_for_session(session: Session, user_id: int) -> User | None:
     return user if user is not None and user.active else None
 
 
-def revoke_token(session: Session, token_id: int) -> None:
+def list_tokens(session: Session, user_id: int | None = None) -> list[ApiToken]:
+    """Tokens (never their secrets, which are not stored), each with its user loaded; one
+    user's, or everyone's when `user_id` is None. Oldest first."""
+    query = select(ApiToken).options(joinedload(ApiToken.user)).order_by(ApiToken.id)
+    if user_id is not None:
+        query = query.where(ApiToken.user_id == user_id)
+    return list(session.scalars(query))
+
+
+def revoke_token(
+    session: Session, token_id: int, *, by: User | None = None
+) -> tuple[ApiToken, bool]:
+    """Revoke a token: its next request is refused. Returns the token and whether this call
+    revoked it (False: it already was; revoking again changes nothing).
+
+    `by` is the user asking (None from the CLI): anyone may revoke their own tokens, an admin
+    anyone's; someone else's token is NotFound, as if it did not exist, so ids reveal nothing.
+    """
     row = session.get(ApiToken, token_id)
-    if row is None:
+    if row is None or (by is not None and by.role is not Role.admin and row.user_id != by.id):
         raise NotFound(f"no token {token_id}")
+    newly = not row.revoked
     row.revoked = True
+    session.flush()
+    return row, newly
 
 
 def list_users(session: Session) -> list[User]:
