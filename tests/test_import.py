@@ -453,7 +453,7 @@ def test_oversize_file_raises_upload_too_large(
 ) -> None:
     small = settings.model_copy(update={"max_upload_bytes": 64})
     data = jsonl({"id": "a", "prompt": "x" * 100})
-    with pytest.raises(UploadTooLarge, match="limit is 64 bytes"):
+    with pytest.raises(UploadTooLarge, match="larger than the limit of 64 bytes"):
         run_import(db, project, small, "big.jsonl", data)
     assert count(db, Prompt, project) == 0
 
@@ -1142,7 +1142,7 @@ def test_upload_form_too_large_shows_the_reason(
         files={"file": ("huge.jsonl", b" " * (settings.max_upload_bytes + 1))},
         data={"csrf_token": csrf},
     )
-    assert resp.status_code == 413 and "the limit is" in resp.text
+    assert resp.status_code == 413 and "larger than the limit of" in resp.text
 
 
 def test_upload_form_without_csrf_token_is_403(

@@ -269,6 +269,22 @@ def test_api_late_judgment_after_someone_else_filled_the_slot_is_409(client, db)
     resp = client.post(url, json={"choice": "tie"}, headers=alice)
     assert resp.status_code == 409 and resp.json()["error"] == "lease_expired"
     assert "not stored" in resp.json()["detail"]
+    assert "(it has all the judgments it needs)" in resp.json()["detail"]
+
+
+def test_api_unclaimed_judgment_while_another_holds_the_last_slot_is_409(client, db):
+    """alice judges a task she never claimed while bob holds its only slot: refused, and the
+    message says why (not that her lease ran out: she had none)."""
+    project, (task,) = pairs_project(db, 1)
+    _, alice = token_user(db)
+    _, bob = token_user(db)
+    claimed = client.get(f"/api/v1/projects/{project.id}/tasks/next", headers=bob).json()
+    assert claimed["task_id"] == task.id
+    resp = client.post(f"/api/v1/tasks/{task.id}/judgments", json={"choice": "tie"}, headers=alice)
+    assert resp.status_code == 409 and resp.json()["error"] == "lease_expired"
+    assert "others hold its remaining slots and you had not claimed it" in resp.json()["detail"]
+    bobs = client.post(f"/api/v1/tasks/{task.id}/judgments", json={"choice": "tie"}, headers=bob)
+    assert bobs.status_code == 201
 
 
 def _labeling_calls(project_id: int, task_id: int) -> list[tuple[str, str, dict]]:

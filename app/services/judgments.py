@@ -188,9 +188,17 @@ def record(
         task.required_judgments, task.judgment_count, others
     )
     if task.state is not TaskState.open or not needed:
+        if task.state is TaskState.retired:
+            why = "an admin retired it"
+        elif lease is not None:
+            why = "your lease ran out and others completed it"
+        elif task.state is TaskState.open:
+            why = "others hold its remaining slots and you had not claimed it"
+        else:
+            why = "it has all the judgments it needs"
         raise LeaseExpired(
-            f"task {task_id} no longer needs a judgment (your lease ran out and others "
-            "completed it); your answer was not stored, please continue with the next task"
+            f"task {task_id} no longer needs a judgment ({why}); your answer was not stored, "
+            "please continue with the next task"
         )
 
     values = {

@@ -317,7 +317,7 @@ def import_file(
     project = projects.get(session, project_id)
     if len(data) > settings.max_upload_bytes:
         raise UploadTooLarge(
-            f"{filename or 'the file'} is {len(data):,} bytes; the limit is "
+            f"{filename or 'the file'} is larger than the limit of "
             f"{settings.max_upload_bytes:,} bytes (split the file and import the parts)"
         )
     if not annotator or not annotator.strip():

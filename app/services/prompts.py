@@ -152,7 +152,7 @@ def import_upload(
     project = projects.get(session, project_id)
     if len(data) > settings.max_upload_bytes:
         raise UploadTooLarge(
-            f"{filename or 'the file'} is {len(data):,} bytes; the limit is "
+            f"{filename or 'the file'} is larger than the limit of "
             f"{settings.max_upload_bytes:,} bytes (split the file and upload the parts)"
         )
     problems = Problems()
