@@ -13,12 +13,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from app.deps import AdminUser, Db
 from app.errors import InvalidInput
 from app.models import utcnow
-from app.services import gold, monitoring, users
+from app.services import gold, monitoring, retire, users
 from app.web import render
 
 router = APIRouter(tags=["admin"])
@@ -178,6 +178,37 @@ def set_gold(task_id: int, body: GoldIn, db: Db, _admin: AdminUser) -> GoldTaskO
     return GoldTaskOut(
         task_id=task.id, is_gold=task.is_gold, gold_answer=task.gold_answer, state=task.state.value
     )
+
+
+class RetireIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    retired: bool = True
+
+
+class RetiredTaskOut(BaseModel):
+    task_id: int
+    prompt_id: int
+    state: str
+
+
+@router.post("/api/v1/tasks/{task_id}/retire")
+def retire_task(
+    task_id: int, db: Db, _admin: AdminUser, body: RetireIn | None = None
+) -> RetiredTaskOut:
+    """Take a task out of the labeling pool (`{"retired": false}` puts it back). Its
+    judgments stay in exports and training; its leases are dropped."""
+    task = retire.set_retired(db, task_id, body.retired if body else True)
+    return RetiredTaskOut(task_id=task.id, prompt_id=task.prompt_id, state=task.state.value)
+
+
+@router.post("/api/v1/prompts/{prompt_id}/retire")
+def retire_prompt(
+    prompt_id: int, db: Db, _admin: AdminUser, body: RetireIn | None = None
+) -> list[RetiredTaskOut]:
+    """The same for every task of a prompt."""
+    tasks = retire.set_prompt_retired(db, prompt_id, body.retired if body else True)
+    return [RetiredTaskOut(task_id=t.id, prompt_id=t.prompt_id, state=t.state.value) for t in tasks]
 
 
 # --- pages ----------------------------------------------------------------------------------
