@@ -171,7 +171,13 @@ class JudgmentOut(BaseModel):
 
 
 class JobCreate(BaseModel):
-    """`kind` is reward, ppo or generate; `params` go to that kind's trainer config."""
+    """`kind` is reward, ppo or generate; `params` go to that kind's trainer config.
+
+    Unknown fields are refused: `{"kind": "reward", "epochs": 3}` would otherwise train
+    with the default epochs, `epochs` silently dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     kind: str = Field(min_length=1, max_length=32)
     params: dict[str, Any] = Field(default_factory=dict)

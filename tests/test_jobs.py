@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import product
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import transaction
@@ -89,6 +90,91 @@ def test_enqueue_rejects_unknown_kind_project_and_params(db: Session) -> None:
         jobs.enqueue(db, project.id, "reward", ["epochs"], None)  # type: ignore[arg-type]
     for kind in ("ppo", "generate"):
         assert jobs.enqueue(db, project.id, kind, {}, None).state is Q
+
+
+def test_people_start_training_kinds_only_the_app_queues_webhooks(db: Session) -> None:
+    project = make_project(db)
+    with pytest.raises(InvalidInput) as refused:
+        jobs.enqueue(db, project.id, "webhook", {}, None)
+    assert refused.value.message == (
+        "unknown job kind 'webhook'; expected one of reward, ppo, generate"
+    )
+    delivery = jobs.enqueue_internal(db, project.id, "webhook", {"url": "http://x"}, max_attempts=5)
+    assert (delivery.kind, delivery.state, delivery.max_attempts) == ("webhook", Q, 5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "message"),
+    [
+        ("reward", {"epochs": -3}, "invalid reward parameters: epochs must be at least 1, not -3"),
+        ("reward", {"epochs": 0}, "invalid reward parameters: epochs must be at least 1, not 0"),
+        ("reward", {"epochs": "two"}, "parameter 'epochs' must be a whole number, not 'two'"),
+        ("reward", {"epochs": 1.5}, "parameter 'epochs' must be a whole number, not 1.5"),
+        ("reward", {"epochz": 1}, "unknown reward parameter(s) epochz; known: backbone,"),
+        ("reward", {"batch_size": 0}, "batch_size must be at least 1, not 0"),
+        ("reward", {"grad_accum": 0}, "grad_accum must be at least 1, not 0"),
+        ("reward", {"lr": 0}, "lr must be a number above 0, not 0.0"),
+        ("reward", {"lr": "fast"}, "parameter 'lr' must be a number, not 'fast'"),
+        ("reward", {"weight_decay": -0.1}, "weight_decay must be a number of at least 0, not -0.1"),
+        ("reward", {"warmup_ratio": 1}, "warmup_ratio must be at least 0 and below 1, not 1.0"),
+        (
+            "reward",
+            {"eval_fraction": -0.5},
+            "eval_fraction must be at least 0 and below 1, not -0.5",
+        ),
+        ("reward", {"max_length": 4}, "max_length must be at least 8 tokens, not 4"),
+        ("reward", {"margin_scale": -1}, "margin_scale must be a number of at least 0, not -1.0"),
+        ("reward", {"split_overhead_tokens": -1}, "split_overhead_tokens must be at least 0"),
+        ("reward", {"keep_ties": "no"}, "parameter 'keep_ties' must be true or false, not 'no'"),
+        ("reward", {"backbone": " "}, "backbone must be a name, path or model id"),
+        (
+            "reward",
+            {"heldout_fraction": 1.5},
+            "'heldout_fraction' must be between 0 and 1, not 1.5",
+        ),
+        ("ppo", {"totl_steps": 3}, "unknown ppo parameter(s) totl_steps"),
+        ("ppo", {"mini_batch_size": 32}, "mini_batch_size must be in 1..batch_size"),
+        ("ppo", {"kl_estimator": "k9"}, "kl_estimator must be one of k1, k2, k3, abs, not 'k9'"),
+        (
+            "ppo",
+            {"guard": {"patience": 0}},
+            "invalid guard parameters: patience must be at least 1",
+        ),
+        ("ppo", {"guard": {"patiense": 3}}, "unknown guard parameter(s) patiense"),
+        ("ppo", {"device": "cuda:1"}, "parameter 'device' of a ppo job must be auto or cpu"),
+        ("ppo", {"reward_model_id": 0}, "'reward_model_id' must be a whole number of at least 1"),
+        ("generate", {"n": 0}, "invalid generate parameters: n must be at least 1, not 0"),
+        ("generate", {"top_p": 0}, "top_p must be above 0 and at most 1, not 0.0"),
+        ("generate", {"prompts": "some"}, "prompts must be one of waiting, all, heldout"),
+        ("generate", {"device": "tpu"}, "parameter 'device' must be auto, cpu, cuda or cuda:N"),
+        ("generate", {"limit": -1}, "parameter 'limit' must be a whole number of at least 1"),
+    ],
+)
+def test_enqueue_refuses_params_the_worker_would_refuse(
+    db: Session, kind: str, params: dict, message: str
+) -> None:
+    """The worker's own rules (app.domain.job_params), asked when the job is created."""
+    project = make_project(db)
+    with pytest.raises(InvalidInput) as refused:
+        jobs.enqueue(db, project.id, kind, params, None)
+    assert message in refused.value.message
+    assert db.scalars(select(Job)).all() == []
+
+
+def test_enqueue_accepts_whole_params_of_every_kind(db: Session) -> None:
+    project = make_project(db)
+    reward = {
+        "epochs": 2.0,  # JSON does not tell 2 from 2.0
+        "backbone": "/models/mine",  # whether it exists is the worker's question
+        "heldout_split": True,
+        "heldout_fraction": 0.3,
+        "split_overhead_tokens": None,
+        "trigger": "cli",
+    }
+    ppo = {"total_steps": 5, "guard": {"patience": 3}, "prompts": ["a", "b"], "device": "cpu"}
+    generate = {"n": 2, "temperature": 0, "policy_id": 4, "prompts": "heldout", "device": "cuda:1"}
+    for kind, params in (("reward", reward), ("ppo", ppo), ("generate", generate)):
+        assert jobs.enqueue(db, project.id, kind, params, None).params == params
 
 
 def test_claim_takes_oldest_first_and_filters_kinds(db: Session) -> None:
@@ -232,6 +318,84 @@ def test_maybe_schedule_reward_after_n_new_judgments(db: Session) -> None:
     assert jobs.maybe_schedule_reward(db, project.id) is not None
 
 
+def test_judgments_made_while_a_reward_job_trains_count_toward_the_next(db: Session) -> None:
+    """QA: with N = 5, judgments 41-45 arrived while job 16 trained on judgments up to 40;
+    no job followed its success until 5 more came. The model's baseline is its data
+    cut-off, not its creation time."""
+    annotator = make_user(db)
+    project = make_project(db, settings={jobs.AUTO_REWARD_SETTING: 5})
+    trained_on = [add_judgment(db, project, annotator, T0 + timedelta(seconds=i)) for i in range(5)]
+    job = jobs.maybe_schedule_reward(db, project.id)
+    assert job is not None
+    job.created_at = T0 + timedelta(seconds=10)
+    jobs.claim(db, "w", T0 + timedelta(seconds=11))
+    during = [
+        add_judgment(db, project, annotator, T0 + timedelta(seconds=20 + i)) for i in range(5)
+    ]
+    db.add(  # registered when training ends, after the five above
+        ModelVersion(
+            project_id=project.id,
+            kind=ModelKind.reward,
+            artifact_path="/x",
+            job_id=job.id,
+            config={"data": {"max_judgment_id": trained_on[-1].id, "judgments": 5}},
+            created_at=T0 + timedelta(seconds=60),
+        )
+    )
+    jobs.finish(db, job.id, {})
+    db.flush()
+    assert jobs.judgments_since_last_reward(db, project.id) == len(during) == 5
+    again = jobs.maybe_schedule_reward(db, project.id)
+    assert again is not None and again.id != job.id
+
+
+def test_requeued_jobs_keep_where_they_stopped_but_show_no_live_progress(
+    client,
+    db: Session,  # type: ignore[no-untyped-def]
+) -> None:
+    """QA: after a SIGTERM requeue the page said "42 / 360 steps · 1 min 8 s ETA" for a
+    queued job."""
+    project = make_project(db)
+    stopped = jobs.enqueue(db, project.id, "reward", {"keep_ties": False}, None)
+    jobs.claim(db, "w1", T0)
+    live = {"stage": "training", "model": "main", "step": 40, "total_steps": 360, "loss": 0.5}
+    jobs.heartbeat(db, stopped.id, "w1", {**live, "epoch": 1.8888888888888888, "eta_s": 68}, T0)
+    # The worker's own last progress is newer than the heartbeat's.
+    jobs.requeue(db, stopped.id, "w1", progress={**live, "step": 42, "eta_s": 68})
+    assert stopped.progress == {
+        "requeued": "worker stopped",
+        "interrupted": {"stage": "training", "model": "main", "step": 42, "total_steps": 360},
+    }
+    crashed = jobs.enqueue(db, project.id, "generate", {}, None)
+    jobs.claim(db, "w2", T0, job_id=crashed.id)
+    jobs.heartbeat(db, crashed.id, "w2", {"step": 3, "total_steps": 9, "eta_s": 5}, T0)
+    jobs.fail(db, crashed.id, "CUDA out of memory", retryable=True)
+    assert crashed.progress == {
+        "requeued": "attempt 1 failed",
+        "interrupted": {"step": 3, "total_steps": 9},
+    }
+    db.flush()
+
+    headers = make_token(db, make_user(db, Role.researcher))
+    page = client.get(f"/jobs/{stopped.id}", headers=headers).text
+    assert (
+        "Waiting for a worker. The last run stopped after step 42 of 360 (worker stopped)." in page
+    )
+    assert "42 / 360" not in page and "ETA" not in page and "1 min 8 s" not in page
+    assert "<th>keep_ties</th><td>false</td>" in page  # params as JSON, not Python
+    listing = client.get(f"/projects/{project.id}/jobs", headers=headers).text
+    assert "interrupted after step 42" in listing and "interrupted after step 3" in listing
+    assert "42 / 360" not in listing
+
+    jobs.claim(db, "w3", T0, job_id=stopped.id)  # a new run starts its progress afresh
+    assert stopped.progress == {}
+    jobs.heartbeat(db, stopped.id, "w3", {**live, "epoch": 1.8888888888888888, "eta_s": 68}, T0)
+    db.flush()
+    running = client.get(f"/jobs/{stopped.id}", headers=headers).text
+    assert "40 / 360" in running and "1 min 8 s" in running
+    assert "<b>1.89</b>epoch" in running and "1.888" not in running
+
+
 def test_eta_text() -> None:
     assert jobs.eta_text({}) == ""
     assert jobs.eta_text({"eta_s": 12.4}) == "12 s"
@@ -361,6 +525,7 @@ def test_jobs_api_roles_and_lifecycle(client, db: Session) -> None:  # type: ign
     researcher = make_token(db, make_user(db, Role.researcher))
     annotator = make_token(db, make_user(db, Role.annotator))
     project = make_project(db)
+    other = make_project(db)
     url = f"/api/v1/projects/{project.id}/jobs"
     body = {"kind": "reward", "params": {"epochs": 1}}
 
@@ -383,7 +548,29 @@ def test_jobs_api_roles_and_lifecycle(client, db: Session) -> None:  # type: ign
     assert again.status_code == 409 and again.json()["job_id"] == job["id"]
     bad = client.post(url, json={"kind": "sing"}, headers=admin)
     assert bad.status_code == 422 and "unknown job kind" in bad.json()["detail"]
+    webhook = client.post(url, json={"kind": "webhook"}, headers=admin)
+    assert webhook.status_code == 422
+    assert webhook.json()["detail"] == (
+        "unknown job kind 'webhook'; expected one of reward, ppo, generate"
+    )
+    # A field beside kind and params is refused by name, not dropped (it trained with defaults).
+    stray = client.post(url, json={"kind": "ppo", "epochs": -3}, headers=admin)
+    assert stray.status_code == 422
+    assert [e["loc"] for e in stray.json()["errors"]] == [["body", "epochs"]]
+    for params, detail in (
+        ({"epochs": -3}, "invalid reward parameters: epochs must be at least 1, not -3"),
+        ({"epochs": "two"}, "parameter 'epochs' must be a whole number, not 'two'"),
+    ):
+        refused = client.post(url, json={"kind": "ppo", "params": params}, headers=admin)
+        assert refused.status_code == 422 and "unknown ppo parameter(s) epochs" in refused.text
+        refused = client.post(
+            f"/api/v1/projects/{other.id}/jobs",
+            json={"kind": "reward", "params": params},
+            headers=admin,
+        )
+        assert refused.status_code == 422 and refused.json()["detail"] == detail
     assert client.post("/api/v1/projects/999999/jobs", json=body, headers=admin).status_code == 404
+    assert [j.id for j in db.scalars(select(Job))] == [job["id"]]  # nothing else was queued
 
     for headers in (admin, researcher):
         got = client.get(f"/api/v1/jobs/{job['id']}", headers=headers)
@@ -420,12 +607,31 @@ def test_jobs_pages_start_and_live_status(client, db: Session) -> None:  # type:
     assert "Start training" in client.get(f"/projects/{project.id}/jobs").text
     no_token = client.post(f"/projects/{project.id}/jobs", data={"epochs": "2"}, headers=JSON)
     assert no_token.status_code == 403
-    bad = client.post(
-        f"/projects/{project.id}/jobs",
-        data={"csrf_token": csrf, "epochs": "two"},
-        headers=JSON,
+    for typed, message in (
+        ("two", "epochs must be a whole number, not &#39;two&#39;"),
+        ("1.5", "epochs must be a whole number, not &#39;1.5&#39;"),
+        ("-3", "invalid reward parameters: epochs must be at least 1, not -3"),
+    ):
+        bad = client.post(
+            f"/projects/{project.id}/jobs",
+            data={"csrf_token": csrf, "epochs": typed, "lr": "0.01", "extra": '{"seed": 3}'},
+        )
+        # The form comes back with the message and what was typed, not an error page.
+        assert bad.status_code == 422 and message in bad.text, bad.text
+        assert (
+            'class="job-form"' in bad.text
+            and f'name="epochs" inputmode="numeric" placeholder="default" value="{typed}"'
+            in bad.text
+        )
+        assert 'value="0.01"' in bad.text and "{&#34;seed&#34;: 3}</textarea>" in bad.text
+    webhook = client.post(
+        f"/projects/{project.id}/jobs", data={"csrf_token": csrf, "kind": "webhook"}
     )
-    assert bad.status_code == 422 and "epochs must be a number" in bad.json()["detail"]
+    assert webhook.status_code == 422
+    assert (
+        "unknown job kind &#39;webhook&#39;; expected one of reward, ppo, generate" in webhook.text
+    )
+    assert db.scalars(select(Job)).all() == []
     started = client.post(
         f"/projects/{project.id}/jobs",
         data={

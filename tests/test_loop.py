@@ -8,6 +8,7 @@ code is the same on Postgres, which test_worker.py already exercises with a rewa
 from __future__ import annotations
 
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,17 @@ def test_loop_settings_validate_and_merge(db: Session) -> None:
     ):
         with pytest.raises(InvalidInput):
             chaining.update_loop(db, project.id, bad)
+    # The params of the jobs the loop will start pass the worker's checks now, not later.
+    for bad, message in (
+        ({"ppo_params": {"totl_steps": 3}}, "ppo_params: unknown ppo parameter(s) totl_steps"),
+        (
+            {"reward_params": {"epochs": 0}},
+            "reward_params: invalid reward parameters: epochs must be at least 1, not 0",
+        ),
+        ({"generate_params": {"prompts": "some"}}, "generate_params: prompts must be one of"),
+    ):
+        with pytest.raises(InvalidInput, match=re.escape(message)):
+            chaining.update_loop(db, project.id, bad)
     assert chaining.get_loop(db, project.id)["ppo_after_reward"] is True  # nothing half-written
     with pytest.raises(NotFound):
         chaining.get_loop(db, 999_999)
@@ -442,8 +454,10 @@ def test_bad_loop_jobs_fail_at_once_without_loading_a_model(
         project = make_project(session)
         make_prompt(session, project, ["a", "b"])
         pid = project.id
+        # Internal: params people send are refused at once (test_jobs); these stand for
+        # params stored before a rule existed, which the worker must still refuse.
         queued = [
-            jobs.enqueue(session, pid, kind, params, None).id
+            jobs.enqueue_internal(session, pid, kind, params).id
             for kind, params in (
                 ("ppo", {}),
                 ("ppo", {"totl_steps": 3}),

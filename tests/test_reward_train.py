@@ -10,14 +10,18 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, RobertaConfig
 
 from worker.models import (
+    BackboneNotFound,
     ModelNotInstalled,
+    backbone_positions,
+    check_backbone,
     minilm_path,
     read_metadata,
     save_atomic,
@@ -41,6 +45,7 @@ from worker.reward import (
     split_rows,
     train_reward,
 )
+from worker.stopping import Interrupted
 
 FILLER = [f"w{i}" for i in range(40)]
 MARKERS = ["good", "bad", "meh"]
@@ -136,6 +141,72 @@ def test_split_by_prompt_never_splits_a_prompt() -> None:
     # Same seed, same split regardless of row order.
     again_train, again_eval = split_by_prompt(list(reversed(groups)), 0.25, seed=7)
     assert {g.prompt_id for g in again_eval} == eval_ids
+
+
+def test_split_by_prompt_refuses_a_fraction_outside_0_to_1() -> None:
+    """QA: -0.5 held out half the prompts, from the other end (prompt_ids[:-20])."""
+    groups = planted_groups(40, seed=3)
+    for fraction in (-0.5, 1.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="must be at least 0 and below 1"):
+            split_by_prompt(groups, fraction, seed=0)
+    assert split_by_prompt(groups, 0.0, seed=0) == (groups, [])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"epochs": -3}, "epochs must be at least 1, not -3"),
+        ({"epochs": 0}, "epochs must be at least 1, not 0"),
+        ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
+        ({"grad_accum": 0}, "grad_accum must be at least 1, not 0"),
+        ({"lr": 0.0}, "lr must be a number above 0, not 0.0"),
+        ({"lr": math.inf}, "lr must be a number above 0, not inf"),
+        ({"weight_decay": -1.0}, "weight_decay must be a number of at least 0, not -1.0"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio must be at least 0 and below 1, not 1.0"),
+        ({"eval_fraction": -0.5}, "eval_fraction must be at least 0 and below 1, not -0.5"),
+        ({"max_length": 7}, "max_length must be at least 8 tokens, not 7"),
+        ({"margin_scale": -0.5}, "margin_scale must be a number of at least 0, not -0.5"),
+        ({"center_coef": -0.1}, "center_coef must be a number of at least 0, not -0.1"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be a number of at least 0, not -1.0"),
+        ({"split_overhead_tokens": -1}, "split_overhead_tokens must be at least 0"),
+        ({"seed": -1}, "seed must be a whole number from 0 to"),
+    ],
+)
+def test_reward_config_refuses_impossible_runs(bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RewardConfig(**bad)
+
+
+def test_reward_config_is_the_torch_free_one_and_its_edges_are_valid() -> None:
+    from app.domain import job_params
+
+    assert RewardConfig is job_params.RewardConfig  # the web app checks params with it
+    edges = RewardConfig(
+        max_length=8,
+        epochs=1,
+        lr=1e-9,
+        warmup_ratio=0.0,
+        eval_fraction=0.0,
+        max_grad_norm=0.0,
+        split_overhead_tokens=None,
+    )
+    assert (edges.max_length, edges.eval_fraction) == (8, 0.0)
+
+
+def test_check_backbone_says_what_is_missing_or_too_short(backbone: Path, tmp_path: Path) -> None:
+    check_backbone(str(backbone), 256)  # the tiny BERT has 256 positions
+    with pytest.raises(ValueError, match="max_length 2048 exceeds the backbone's 256 positions"):
+        check_backbone(str(backbone), 2048)
+    with pytest.raises(BackboneNotFound, match="'/nonexistent/dir' not found"):
+        check_backbone("/nonexistent/dir", 64)
+    with pytest.raises(BackboneNotFound, match="'nobody/nothing' not found"):
+        check_backbone("nobody/nothing", 64)  # offline, and not in the local cache
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneNotFound, match="a directory without config.json"):
+        check_backbone(str(tmp_path / "empty"), 64)
+    # RoBERTa's positions start after its padding index: 514 embeddings hold 512 tokens.
+    RobertaConfig(max_position_embeddings=514, pad_token_id=1).save_pretrained(tmp_path / "rob")
+    assert backbone_positions(str(tmp_path / "rob")) == 512
 
 
 def test_groups_from_pairs_reads_trl_rows() -> None:
@@ -310,6 +381,78 @@ def test_crash_mid_training_leaves_no_out_dir(backbone: Path, tmp_path: Path) ->
             tiny_config(backbone, epochs=1), planted_groups(100, 2), out_dir, on_progress=crash
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stopped_run_resumes_to_the_same_model(backbone: Path, tmp_path: Path) -> None:
+    """Stopped (with save) after step 5 of 2 epochs x 8 steps, across the epoch boundary's
+    RNG: the resumed run reports steps 6..16, ends with exactly the weights, train curve and
+    per-epoch evaluations of an uninterrupted run, and counts the pairs of both attempts."""
+    config = tiny_config(backbone, epochs=2)
+    groups = planted_groups(160, seed=5)
+    whole = train_reward(config, groups, tmp_path / "whole")
+
+    def stop_at_5(progress: dict) -> None:
+        if progress["step"] == 5:
+            raise Interrupted("worker shutting down", save=True)
+
+    resume = tmp_path / "work"
+    with pytest.raises(Interrupted):
+        train_reward(config, groups, tmp_path / "resumed", on_progress=stop_at_5, resume_dir=resume)
+    assert not (tmp_path / "resumed").exists()
+    assert sorted(p.name for p in resume.iterdir()) == ["resume.json", "state.pt"]
+
+    steps: list[int] = []
+    resumed = train_reward(
+        config,
+        groups,
+        tmp_path / "resumed",
+        on_progress=lambda p: steps.append(p["step"]),
+        resume_dir=resume,
+    )
+    assert whole["total_steps"] == 16 and steps == list(range(6, 17))
+    assert resumed["train_curve"] == whole["train_curve"]
+    assert resumed["history"] == whole["history"]
+    assert resumed["train_tokens"] == whole["train_tokens"]
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "whole")
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_a_resume_state_of_another_run_is_ignored(backbone: Path, tmp_path: Path) -> None:
+    """Stopped without save, nothing is written; a state saved for other data or another
+    config is not used: the run starts at step 1."""
+    groups = planted_groups(160, seed=5)
+
+    def stop_at_3(save: bool):  # type: ignore[no-untyped-def]
+        def stop(progress: dict) -> None:
+            if progress["step"] == 3:
+                raise Interrupted("stop", save=save)
+
+        return stop
+
+    config = tiny_config(backbone, epochs=1)
+    resume = tmp_path / "work"
+    with pytest.raises(Interrupted):
+        train_reward(
+            config, groups, tmp_path / "a", on_progress=stop_at_3(False), resume_dir=resume
+        )
+    assert not resume.exists()
+    with pytest.raises(Interrupted):
+        train_reward(config, groups, tmp_path / "a", on_progress=stop_at_3(True), resume_dir=resume)
+    for other_config, other_groups in [
+        (tiny_config(backbone, epochs=1, lr=1e-3), groups),
+        (config, groups[:-1]),
+    ]:
+        steps: list[int] = []
+        train_reward(
+            other_config,
+            other_groups,
+            tmp_path / f"other-{len(other_groups)}-{other_config.lr}",
+            on_progress=lambda p, steps=steps: steps.append(p["step"]),
+            resume_dir=resume,
+        )
+        assert steps[0] == 1
 
 
 def test_ties_margins_and_grad_accum_train(backbone: Path, tmp_path: Path) -> None:

@@ -149,6 +149,15 @@ def enqueue(
         return jobs.enqueue(session, project_id, kind, params, None, **kw).id
 
 
+def enqueue_unchecked(
+    factory: sessionmaker[Session], project_id: int, kind: str, params: dict[str, Any]
+) -> int:
+    """A job whose params nobody checked: what a loop setting stored before a rule existed
+    starts. People's jobs are checked when created (test_jobs); the worker checks again."""
+    with transaction(factory) as session:
+        return jobs.enqueue_internal(session, project_id, kind, params).id
+
+
 # --- training data ---------------------------------------------------------------------------
 
 
@@ -328,8 +337,61 @@ def test_stop_signal_finishes_the_step_and_requeues_without_an_attempt(
     assert outcomes == ["queued"] and steps == [1]
     job = job_row(committed_factory, job_id)
     assert (job.state, job.attempts, job.worker_id, job.error) == (JobState.queued, 0, None, None)
+    # Where it stopped, but no live step, loss or ETA: nothing runs it now.
+    assert job.progress["requeued"] == "worker stopped"
+    assert job.progress["interrupted"]["step"] == 1 and job.progress["interrupted"]["total_steps"]
+    assert not {"step", "total_steps", "eta_s", "loss", "epoch"} & set(job.progress)
     models_dir = worker_settings.artifact_dir / "models"
     assert not models_dir.exists() or list(models_dir.iterdir()) == []
+
+
+def test_a_stopped_reward_job_resumes_on_its_next_claim_with_the_same_data(
+    committed_factory: sessionmaker[Session], worker_settings: Settings, backbone: Path
+) -> None:
+    """SIGTERM (the stop event) after step 2: the job is requeued with its state saved;
+    judgments that arrive meanwhile are not mixed in (the data cut-off is kept); the next
+    claim continues at step 3 and succeeds, with a held-out partner, and the work directory
+    is gone afterwards."""
+    project_id, _, _ = seed_planted(committed_factory, 40)
+    params = tiny_params(backbone, epochs=2, batch_size=8, heldout_split=True)
+    job_id = enqueue(committed_factory, project_id, "reward", params)
+    stop = threading.Event()
+    steps: list[tuple[str, int]] = []
+
+    def record(progress: dict[str, Any]) -> None:
+        if "step" in progress:
+            steps.append((progress["model"], progress["step"]))
+            if len(steps) == 2 and not stop.is_set():
+                stop.set()
+
+    assert worker_main.main(worker_settings, once=True, stop=stop, on_progress=record) == ["queued"]
+    work = runner.work_dir(worker_settings, "reward", job_id)
+    assert (work / "main" / "resume.json").exists() and (work / "data.json").exists()
+    cutoff = runner._read_json(work / "data.json")["max_judgment_id"]
+    with transaction(committed_factory) as session:  # a judgment after the stop
+        project = session.get(Project, project_id)
+        assert project is not None
+        late = judge(
+            session,
+            project,
+            make_user(session),
+            [["good w1"], ["bad w2"]],
+            "late",
+            ["good w1", "bad w2"],
+        )
+        assert late.id > cutoff
+    steps.clear()
+    assert worker_main.main(worker_settings, once=True, on_progress=record) == ["succeeded"]
+    main_steps = [step for model, step in steps if model == "main"]
+    assert main_steps[0] == 3 and main_steps == list(range(3, main_steps[-1] + 1))
+    assert [step for model, step in steps if model == "heldout"][0] == 1
+    assert not work.exists()
+    job = job_row(committed_factory, job_id)
+    assert (job.state, job.attempts) == (JobState.succeeded, 0)
+    assert job.metrics["data"]["max_judgment_id"] == cutoff  # the late judgment is not in it
+    with transaction(committed_factory) as session:
+        roles = sorted(m.config.get("role", "main") for m in session.scalars(select(ModelVersion)))
+    assert roles == ["heldout", "main"]
 
 
 def test_sigterm_to_a_real_worker_process_requeues_the_job(
@@ -384,10 +446,10 @@ def test_runner_fails_unknown_kinds_params_and_empty_projects_for_good(
         empty_id = make_project(session).id
     ppo = enqueue(committed_factory, project_id, "ppo", {})
     generate = enqueue(committed_factory, project_id, "generate", {})
-    typo = enqueue(committed_factory, project_id, "reward", {"epochz": 2, "lr": "fast"})
+    typo = enqueue_unchecked(committed_factory, project_id, "reward", {"epochz": 2, "lr": "fast"})
     for _ in range(3):
         assert worker_main.main(worker_settings, once=True) == ["failed"]
-    wrong_type = enqueue(committed_factory, project_id, "reward", {"lr": "fast"})
+    wrong_type = enqueue_unchecked(committed_factory, project_id, "reward", {"lr": "fast"})
     assert worker_main.main(worker_settings, once=True) == ["failed"]
     empty = enqueue(committed_factory, empty_id, "reward", tiny_params(backbone))
     assert worker_main.main(worker_settings, once=True) == ["failed"]
@@ -403,6 +465,53 @@ def test_runner_fails_unknown_kinds_params_and_empty_projects_for_good(
     assert "parameter 'lr' must be a number" in errors[wrong_type]
     assert "no judgments with a preference" in errors[empty]
     assert all(job_row(committed_factory, j).attempts == 1 for j in errors)  # never retried
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"epochs": -3}, "invalid reward parameters: epochs must be at least 1, not -3"),
+        ({"epochs": 0}, "invalid reward parameters: epochs must be at least 1, not 0"),
+        ({"batch_size": 0}, "invalid reward parameters: batch_size must be at least 1, not 0"),
+        ({"grad_accum": 0}, "invalid reward parameters: grad_accum must be at least 1, not 0"),
+        (
+            {"eval_fraction": -0.5},
+            "invalid reward parameters: eval_fraction must be at least 0 and below 1, not -0.5",
+        ),
+        (
+            {"backbone": "/nonexistent/dir"},
+            "backbone '/nonexistent/dir' not found: it is neither minilm, smollm2, an existing "
+            "directory, nor a model id in the local Hugging Face cache",
+        ),
+        ({"backbone": "someone/not-downloaded"}, "backbone 'someone/not-downloaded' not found"),
+        (
+            {"max_length": 2048},
+            "max_length 2048 exceeds the backbone's 256 positions; use a max_length of at most 256",
+        ),
+    ],
+)
+def test_impossible_reward_configs_fail_once_before_training(
+    committed_factory: sessionmaker[Session],
+    worker_settings: Settings,
+    backbone: Path,
+    override: dict[str, Any],
+    message: str,
+) -> None:
+    """QA's reports: epochs -3 "succeeded" with an untrained model, batch_size 0 divided by
+    zero, a missing backbone and a max_length past the tiny BERT's 256 positions crashed
+    cryptically three times over. Each now fails on its first attempt, saying why."""
+    project_id, _, _ = seed_planted(committed_factory, 8)
+    job_id = enqueue_unchecked(
+        committed_factory, project_id, "reward", {**tiny_params(backbone), **override}
+    )
+    seen: list[dict[str, Any]] = []
+    assert worker_main.main(worker_settings, once=True, on_progress=seen.append) == ["failed"]
+    job = job_row(committed_factory, job_id)
+    assert (job.state, job.attempts) == (JobState.failed, 1)
+    assert (job.error or "").startswith(f"JobError: {message}"), job.error
+    assert not any("step" in p for p in seen)  # not one training step was taken
+    with transaction(committed_factory) as session:
+        assert session.scalars(select(ModelVersion)).all() == []
 
 
 def test_worker_loop_schedules_reward_retraining(

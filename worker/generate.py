@@ -29,25 +29,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+# GenerateConfig lives with the params checks the web process runs without torch; re-exported.
+from app.domain.job_params import GenerateConfig
 from worker.models import ensure_smollm2_safetensors
 
 Message = dict[str, str]
 Prompt = str | list[Message]
 
 DEFAULT_POLICY = "smollm2"
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """How completions are sampled; stored with the completions it produced."""
-
-    n: int = 4  # samples per prompt (before deduplication)
-    max_new_tokens: int = 256
-    temperature: float = 0.8  # 0 = greedy (then n > 1 only yields duplicates)
-    top_p: float = 0.95  # 1.0 disables nucleus sampling
-    top_k: int = 0  # 0 disables top-k
-    batch_size: int = 16  # sequences per generate() call: bounds memory, not results' count
-    seed: int = 0
 
 
 @dataclass(frozen=True)

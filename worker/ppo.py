@@ -40,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -49,6 +49,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+# PPOConfig lives with the params checks the web process runs without torch; re-exported.
+from app.domain.job_params import PPOConfig
 from worker.generate import (
     Prompt,
     decode_responses,
@@ -63,7 +65,6 @@ from worker.generate import (
 )
 from worker.guard import OverOptimizationGuard, distinct_n, is_degenerate, repetition_ratio
 from worker.losses import (
-    KLKind,
     entropy_from_logits,
     gae,
     logprobs_from_logits,
@@ -87,46 +88,6 @@ __all__ = [
 ]
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """Everything that decides a PPO run; stored in every checkpoint's prefloop.json."""
-
-    lr: float = 1e-5  # 1e-4 is a better start with use_lora
-    batch_size: int = 16  # prompts (= responses) per rollout, per process
-    mini_batch_size: int = 4  # responses per gradient step
-    ppo_epochs: int = 4  # passes over each rollout batch
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    init_kl_coef: float = 0.05
-    adaptive_kl: bool = True
-    target_kl: float = 6.0  # nats per response (sum over its tokens), as in TRL
-    kl_horizon: int = 10_000  # samples over which the coefficient may move by ~20%
-    kl_estimator: KLKind = "k1"
-    max_prompt_tokens: int = 512  # longer prompts keep their end
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # sampling temperature; log-probs use the same scaled logits
-    missing_eos_penalty: float | None = None  # subtracted from the score of cut responses
-    whiten_rewards: bool = False
-    total_steps: int = 100
-    seed: int = 0
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    value_head: Literal["shared"] = "shared"  # see the module docstring for why
-    save_merged: bool = True  # LoRA checkpoints as merged full models (else adapter only)
-    length_blowup_factor: float = 2.0  # flag when responses grow this much past step 1
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError("PPO samples from the policy: temperature must be > 0")
-        if not 0 < self.mini_batch_size <= self.batch_size:
-            raise ValueError("mini_batch_size must be in 1..batch_size")
 
 
 # Reward functions ------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ bottom: CPU, one GPU, or several GPUs through `accelerate launch` without code c
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import random
 import sys
 import time
@@ -35,6 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+# RewardConfig lives with the params checks the web process runs without torch; re-exported.
+from app.domain.job_params import RewardConfig
 from worker.losses import listwise_ranking_loss, ranking_to_pairs, reward_centering_loss
 from worker.models import (
     is_causal_tokenizer,
@@ -43,6 +47,7 @@ from worker.models import (
     read_metadata,
     save_atomic,
 )
+from worker.stopping import Interrupted
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -53,38 +58,6 @@ LOSS_SYNC_S = 0.5
 """On an accelerator the step loss is copied to the host at most this often (and at the last
 step): `.item()` waits for the device, and waiting every step stops the host from preparing
 the next batch while the device works. Steps in between report the last copied loss."""
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """Everything that decides a reward training run; stored in the checkpoint's prefloop.json.
-
-    `batch_size` counts judgments (groups), not pairs or completions: the loss averages over
-    judgments, so that is the unit a step is made of.
-    """
-
-    backbone: str | None = None  # None/"minilm": packaged MiniLM-L6; "smollm2"; path; HF id
-    max_length: int = 512  # tokens per (prompt, completion); the prompt is truncated first
-    batch_size: int = 16  # judgments per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    epochs: int = 1
-    warmup_ratio: float = 0.1  # fraction of optimizer steps with linear warmup
-    eval_fraction: float = 0.1  # fraction of prompts held out
-    seed: int = 0
-    margin_from_strength: bool = False  # strength s in 1..3 -> margin margin_scale * (s - 1)
-    margin_scale: float = 0.5
-    keep_ties: bool = True  # ties become target-0.5 pairs; otherwise they are dropped
-    center_coef: float = 0.0  # reward_centering_loss coefficient (0 disables)
-    length_grouped: bool = True  # batch judgments of similar length to cut padding
-    bf16: bool | None = None  # None: bf16 autocast when on a GPU that supports it
-    disable_dropout: bool = True  # dropout makes the two sides of a pair see different nets
-    max_grad_norm: float = 1.0
-    # CPU only: split a batch's forward into length-sorted chunks when that saves more padded
-    # tokens than this per extra pass (see split_rows); None: one pass.
-    split_overhead_tokens: int | None = 64
-    cache_dir: str | None = None  # where "smollm2" is converted to safetensors
 
 
 @dataclass(frozen=True)
@@ -160,6 +133,10 @@ def split_by_prompt(
     held-out accuracy. The prompt ids are sorted before the seeded shuffle, so the split
     depends only on the set of prompts and the seed, not on row order.
     """
+    if not 0 <= eval_fraction < 1:  # a negative one would slice from the end: [:-20]
+        raise ValueError(
+            f"the held-out fraction must be at least 0 and below 1, not {eval_fraction}"
+        )
     prompt_ids = sorted({g.prompt_id for g in groups})
     random.Random(seed).shuffle(prompt_ids)
     n_eval = round(len(prompt_ids) * eval_fraction)
@@ -620,6 +597,108 @@ def _linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], flo
     return multiplier
 
 
+RESUME_STATE = "state.pt"  # tensors: weights, optimizer, scheduler, torch RNG
+RESUME_META = "resume.json"  # the rest, plain JSON
+
+
+def _run_fingerprint(config: RewardConfig, groups: list[PreferenceGroup]) -> str:
+    """What a resume state must match: the config and every judgment, in order."""
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    for g in groups:
+        digest.update(json.dumps(asdict(g), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class ResumeState:
+    """A reward run stopped after an optimizer step, enough to continue it exactly.
+
+    The position is (epoch, batches of its plan done); the plan is regenerated from the
+    Python RNG's state at the epoch's start, so the remaining batches come in the same order
+    as without the stop. Tensors go to `state.pt` (loaded with `weights_only=True`), the rest
+    to `resume.json`. Each is written under a temporary name and renamed, the old JSON
+    removed first and the new one renamed last, so a readable resume.json always belongs to
+    the state.pt beside it. The CUDA generator is not saved: with dropout off (the default)
+    nothing draws from it.
+    """
+
+    fingerprint: str
+    epoch: int
+    batches_done: int
+    step: int
+    loss: float
+    history: list[dict[str, Any]]
+    curve: list[tuple[int, float]]
+    counts: tuple[int, int, int, int]  # pairs, completions, real tokens, padded tokens seen
+    train_time: float
+    train_cpu: float
+    epoch_rng: Any  # random.Random.getstate() at the epoch's start
+    torch_rng: Tensor
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "torch_rng": self.torch_rng,
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
+        version, internal, gauss = self.epoch_rng
+        meta = {
+            "fingerprint": self.fingerprint,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "step": self.step,
+            "loss": self.loss,
+            "history": self.history,
+            "curve": self.curve,
+            "counts": list(self.counts),
+            "train_time": self.train_time,
+            "train_cpu": self.train_cpu,
+            "epoch_rng": [version, list(internal), gauss],
+        }
+        (directory / RESUME_META).unlink(missing_ok=True)  # invalid until both are new
+        tmp = directory / f"{RESUME_STATE}.tmp"
+        torch.save(tensors, tmp)
+        os.replace(tmp, directory / RESUME_STATE)
+        tmp = directory / f"{RESUME_META}.tmp"
+        tmp.write_text(json.dumps(meta), encoding="utf-8")
+        os.replace(tmp, directory / RESUME_META)
+
+    @classmethod
+    def load(cls, directory: Path, fingerprint: str) -> ResumeState | None:
+        """The state saved in `directory` for this run, or None (none, or another run's)."""
+        try:
+            meta = json.loads((directory / RESUME_META).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        tensors = torch.load(directory / RESUME_STATE, map_location="cpu", weights_only=True)
+        version, internal, gauss = meta["epoch_rng"]
+        pairs, completions, tokens, padded = meta["counts"]
+        return cls(
+            fingerprint=fingerprint,
+            epoch=meta["epoch"],
+            batches_done=meta["batches_done"],
+            step=meta["step"],
+            loss=meta["loss"],
+            history=meta["history"],
+            curve=[(int(at), float(value)) for at, value in meta["curve"]],
+            counts=(pairs, completions, tokens, padded),
+            train_time=meta["train_time"],
+            train_cpu=meta["train_cpu"],
+            epoch_rng=(version, tuple(internal), gauss),
+            torch_rng=tensors["torch_rng"],
+            model=tensors["model"],
+            optimizer=tensors["optimizer"],
+            scheduler=tensors["scheduler"],
+        )
+
+
 def train_reward(
     config: RewardConfig,
     groups: list[PreferenceGroup],
@@ -627,12 +706,20 @@ def train_reward(
     *,
     on_progress: ProgressCallback | None = None,
     accelerator: Accelerator | None = None,
+    resume_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train a reward model on `groups`, save it atomically to `out_dir`, return metrics.
 
     `on_progress` receives {step, total_steps, loss, epoch, lr, eta_s} after every optimizer
     step (main process only); an exception it raises aborts the run and no `out_dir` is
     written. The held-out split is evaluated after each epoch (`history`).
+
+    With `resume_dir`, an `Interrupted(save=True)` raised by `on_progress` first saves the
+    run's state there (weights, optimizer, scheduler, position in the epoch's batch plan,
+    counters; see ResumeState), and a later call with the same config, the same groups and
+    the same `resume_dir` continues from that step instead of step 0, ending with the same
+    weights as an uninterrupted run. A state saved for other data or another config is
+    ignored (the run starts over).
     """
     accelerator = accelerator or Accelerator()
     device = accelerator.device
@@ -686,14 +773,36 @@ def train_reward(
     curve_every = max(1, total_steps // MAX_CURVE_POINTS)
     step, pairs_seen, completions_seen, tokens_seen, padded_seen = 0, 0, 0, 0, 0
     train_time, train_cpu = 0.0, 0.0  # wall and process CPU seconds in the training loop
-    bar = tqdm(total=total_steps, disable=not (is_main and sys.stderr.isatty()), desc="reward")
-    for epoch in range(config.epochs):
+    first_epoch, skip_batches = 0, 0
+    fingerprint = _run_fingerprint(config, groups)
+    resumed = ResumeState.load(resume_dir, fingerprint) if resume_dir is not None else None
+    if resumed is not None:
+        accelerator.unwrap_model(model).load_state_dict(resumed.model)
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+        torch.set_rng_state(resumed.torch_rng)
+        rng.setstate(resumed.epoch_rng)
+        first_epoch, skip_batches = resumed.epoch, resumed.batches_done
+        step, step_loss, history = resumed.step, resumed.loss, resumed.history
+        curve_losses = [(at, torch.tensor(value)) for at, value in resumed.curve]
+        pairs_seen, completions_seen, tokens_seen, padded_seen = resumed.counts
+        train_time, train_cpu = resumed.train_time, resumed.train_cpu
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not (is_main and sys.stderr.isatty()),
+        desc="reward",
+    )
+    for epoch in range(first_epoch, config.epochs):
         model.train()
+        epoch_rng = rng.getstate()  # what regenerates this epoch's plan on a resume
         plan = plan_batches(lengths, config.batch_size, config.length_grouped, rng)
         plan = plan[: batches_per_epoch * world][rank::world]
         epoch_start, epoch_cpu_start = time.perf_counter(), time.process_time()
         window_loss = torch.zeros((), device=device)
         for i, indices in enumerate(plan):
+            if epoch == first_epoch and i < skip_batches:
+                continue  # done before the resume
             window_start = (i // config.grad_accum) * config.grad_accum
             window_len = min(config.grad_accum, len(plan) - window_start)
             at_boundary = i + 1 == window_start + window_len
@@ -739,16 +848,38 @@ def train_reward(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if on_progress is not None and is_main:
-                on_progress(
-                    {
-                        "step": step,
-                        "total_steps": total_steps,
-                        "loss": step_loss,
-                        "epoch": epoch + (i + 1) / len(plan),
-                        "lr": scheduler.get_last_lr()[0],
-                        "eta_s": elapsed / step * (total_steps - step),
-                    }
-                )
+                try:
+                    on_progress(
+                        {
+                            "step": step,
+                            "total_steps": total_steps,
+                            "loss": step_loss,
+                            "epoch": epoch + (i + 1) / len(plan),
+                            "lr": scheduler.get_last_lr()[0],
+                            "eta_s": elapsed / step * (total_steps - step),
+                        }
+                    )
+                except Interrupted as stop:
+                    if stop.save and resume_dir is not None:
+                        step_loss = loss_on_device.item()
+                        ResumeState(
+                            fingerprint=fingerprint,
+                            epoch=epoch,
+                            batches_done=i + 1,
+                            step=step,
+                            loss=step_loss,
+                            history=history,
+                            curve=[(at, float(value)) for at, value in curve_losses],
+                            counts=(pairs_seen, completions_seen, tokens_seen, padded_seen),
+                            train_time=train_time + time.perf_counter() - epoch_start,
+                            train_cpu=train_cpu + time.process_time() - epoch_cpu_start,
+                            epoch_rng=epoch_rng,
+                            torch_rng=torch.get_rng_state(),
+                            model=accelerator.unwrap_model(model).state_dict(),
+                            optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(),
+                        ).save(resume_dir)
+                    raise
         train_time += time.perf_counter() - epoch_start
         train_cpu += time.process_time() - epoch_cpu_start
         metrics = evaluate(

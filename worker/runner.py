@@ -14,18 +14,22 @@ artifact whose transaction failed is removed again.
 
 Progress flows out through `report` (the worker's heartbeat thread writes the latest dict to
 the job row); `should_stop` is polled after every optimizer step and turns a shutdown signal,
-a cancel, or a lost claim into `Interrupted`, which the trainer lets propagate without saving.
+a cancel, or a lost claim into `Interrupted`. On a shutdown (`should_save`) a reward job first
+saves where it is, and its next attempt continues from there (run_reward); PPO and generate
+jobs start over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import read_only, transaction
+from app.domain import job_params
 from app.errors import DomainError
 from app.models import Job, ModelKind, ModelVersion
 from app.services import (
@@ -46,42 +51,17 @@ from app.services import (
 )
 from app.settings import Settings
 from worker import predict
+from worker.stopping import Interrupted
 
 Report = Callable[[dict[str, Any]], None]
 ShouldStop = Callable[[], bool]
 
-RUNNER_PARAMS = {
-    "trigger": "who asked for the job (auto = the every-N-judgments schedule, chain = the loop)",
-    "after_job": "the job whose success started this one (the loop's chaining)",
-    "fail_after_step": "fault injection: raise after this optimizer step (crash-safety tests)",
-}
-"""Params every kind accepts and the runner reads itself (or keeps for the record)."""
-
-REWARD_RUNNER_PARAMS = {
-    "heldout_split": "also train a held-out reward model on a separate part of the prompts",
-    "heldout_fraction": "the held-out model's share of the prompts (default 0.5)",
-}
-GENERATE_RUNNER_PARAMS = {
-    "policy_id": "the policy model version to sample from (default: the packaged SmolLM2)",
-    "prompts": "waiting (default) | all | heldout | a list of prompt ids",
-    "limit": "at most this many prompts",
-    "device": "auto (default: cuda when there is one) | cpu | cuda | cuda:N",
-}
-PPO_RUNNER_PARAMS = {
-    "reward_model_id": "default: the project's newest reward model",
-    "parent_policy_id": "default: the project's newest policy, else the packaged SmolLM2",
-    "heldout_reward_model_id": "default: the reward model's held-out partner, if it has one",
-    "prompts": "all (default) | waiting | heldout | a list of prompt ids",
-    "limit": "at most this many prompts",
-    "device": "auto (default: what accelerate picks) | cpu",
-    "guard": "false: off; true or {patience, min_delta, kl_budget, ema}: on (default: on "
-    "when a held-out reward model is used)",
-}
-DEFAULT_HELDOUT_FRACTION = 0.5
-
-
-class Interrupted(Exception):
-    """Training stopped between steps because the worker was told to stop."""
+# What each kind's params may say (the configs, the names the runner reads itself, the ranges)
+# is decided in app.domain.job_params, which the web app checks new jobs with too.
+RUNNER_PARAMS = job_params.RUNNER_PARAMS
+REWARD_RUNNER_PARAMS = job_params.REWARD_RUNNER_PARAMS
+GENERATE_RUNNER_PARAMS = job_params.GENERATE_RUNNER_PARAMS
+PPO_RUNNER_PARAMS = job_params.PPO_RUNNER_PARAMS
 
 
 class JobError(Exception):
@@ -141,111 +121,86 @@ def run(
     *,
     report: Report,
     should_stop: ShouldStop,
+    should_save: ShouldStop | None = None,
 ) -> dict[str, Any]:
     """Run `job` to completion and mark it succeeded; returns its final metrics.
 
     Raises `Interrupted` when `should_stop` turned true mid-run, `JobError` for failures a
-    retry will not fix, and anything else for failures that might be transient.
+    retry will not fix, and anything else for failures that might be transient. When
+    `should_save` is true at that point (the worker is shutting down, the job stays ours), a
+    reward job first leaves a resume checkpoint that its next attempt continues from.
     """
     kinds = {jobs.REWARD: run_reward, jobs.GENERATE: run_generate, jobs.PPO: run_ppo}
     if job.kind not in kinds:
         raise JobError(f"unknown job kind {job.kind!r}")
     if job.project_id is None:
         raise JobError(f"a {job.kind} job needs a project")
+    if job.kind == jobs.REWARD:
+        return run_reward(
+            settings,
+            factory,
+            job,
+            report=report,
+            should_stop=should_stop,
+            should_save=should_save or (lambda: False),
+        )
     return kinds[job.kind](settings, factory, job, report=report, should_stop=should_stop)
 
 
 # --- params -------------------------------------------------------------------------------------
 
 
-_ANNOTATION_DEFAULTS: dict[str, Any] = {"bool": False, "int": 0, "float": 0.0, "str": ""}
-
-
-def _check_type(name: str, value: Any, default: Any, annotation: str = "") -> Any:
-    """Coerce a JSON param to the type of the config field's default, or say what is wrong.
-
-    A field whose default is None takes its type from its annotation ("float | None").
-    """
-    if value is None:
-        return value
-    if default is None:
-        base = annotation.split("|")[0].strip()
-        if base not in _ANNOTATION_DEFAULTS:
-            return value
-        default = _ANNOTATION_DEFAULTS[base]
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise JobError(f"parameter {name!r} must be true or false, not {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise JobError(f"parameter {name!r} must be an integer, not {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise JobError(f"parameter {name!r} must be a number, not {value!r}")
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise JobError(f"parameter {name!r} must be a string, not {value!r}")
-    return value
+@contextlib.contextmanager
+def _params_error() -> Iterator[None]:
+    """A params check's complaint as a JobError: bad params fail the job once, unretried."""
+    try:
+        yield
+    except job_params.InvalidParams as exc:
+        raise JobError(str(exc)) from exc
 
 
 def config_values(
     cls: type, params: dict[str, Any], own: Iterable[str], what: str
 ) -> dict[str, Any]:
-    """The params that are fields of the config dataclass `cls`, type-checked.
-
-    Names that are neither its fields, nor `own` (read by the runner), nor RUNNER_PARAMS
-    fail the job up front: a typo must not silently train with a default.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(fields) - set(own) - set(RUNNER_PARAMS))
-    if unknown:
-        known = sorted({*fields, *own})
-        raise JobError(
-            f"unknown {what} parameter(s) {', '.join(unknown)}; known: {', '.join(known)}"
-        )
-    return {
-        name: _check_type(name, params[name], fields[name].default, str(fields[name].type))
-        for name in fields
-        if name in params
-    }
+    """The params that are fields of the config dataclass `cls`, type-checked; unknown names
+    fail the job up front (job_params.config_values)."""
+    with _params_error():
+        return job_params.config_values(cls, params, own, what)
 
 
 def _build(cls: type, values: dict[str, Any], what: str) -> Any:
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise JobError(f"invalid {what} parameters: {exc}") from exc
+    """`cls(**values)`; its range checks' ValueError fails the job without a retry."""
+    with _params_error():
+        return job_params.build(cls, values, what)
 
 
 def reward_config(params: dict[str, Any], settings: Settings) -> Any:
-    """A `RewardConfig` from job params: unknown names and wrong types fail the job up front."""
+    """A `RewardConfig` from job params, checked before any data or weights load: unknown
+    names, wrong types, out-of-range values, a backbone that does not exist or reads fewer
+    than max_length tokens all fail the job at once."""
+    from worker.models import check_backbone
     from worker.reward import RewardConfig
 
     values = config_values(RewardConfig, params, REWARD_RUNNER_PARAMS, "reward")
     values.setdefault("cache_dir", str(cache_dir(settings)))
-    return _build(RewardConfig, values, "reward")
+    config = _build(RewardConfig, values, "reward")
+    try:
+        where = Path(config.cache_dir) if config.cache_dir else None
+        check_backbone(config.backbone, config.max_length, cache_dir=where)
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
+    return config
 
 
 def _int_param(params: dict[str, Any], name: str, *, minimum: int = 1) -> int | None:
-    value = params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise JobError(
-            f"parameter {name!r} must be an integer of at least {minimum}, not {value!r}"
-        )
-    return value
+    with _params_error():
+        return job_params.int_param(params, name, minimum=minimum)
 
 
 def _device(params: dict[str, Any], cuda_available: bool) -> str:
     """The `device` param: "auto" (the default) is cuda when there is one, else cpu."""
-    value = params.get("device", "auto")
-    if not isinstance(value, str) or not (
-        value in ("auto", "cpu", "cuda") or value.startswith("cuda:")
-    ):
-        raise JobError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, not {value!r}")
+    with _params_error():
+        value = job_params.device_param(params, jobs.GENERATE)
     if value == "auto":
         return "cuda" if cuda_available else "cpu"
     return value
@@ -266,21 +221,40 @@ def _describe(selection: generation.Selection) -> str:
 
 
 def load_groups(
-    factory: sessionmaker[Session], project_id: int
+    factory: sessionmaker[Session], project_id: int, *, cutoff: int | None = None
 ) -> tuple[list[Any], dict[str, Any]]:
-    """The project's judgments up to the newest one now, as PreferenceGroups, plus a record
-    of the cut-off (stored with the model so the run can be reproduced)."""
+    """The project's judgments up to `cutoff` (default: the newest one now), as
+    PreferenceGroups, plus a record of the cut-off (stored with the model so the run can be
+    reproduced)."""
     from worker.reward import PreferenceGroup
 
     with transaction(factory) as session:
         read_only(session)  # SQLite: a long read must not hold the write lock over labeling
-        cutoff = training_data.max_judgment_id(session, project_id)
+        newest = training_data.max_judgment_id(session, project_id)
+        cutoff = newest if cutoff is None else cutoff
         rows = list(training_data.preference_groups(session, project_id, max_judgment_id=cutoff))
     try:
         groups = [PreferenceGroup(**{**row, "prompt_id": str(row["prompt_id"])}) for row in rows]
     except ValueError as exc:
         raise JobError(f"a judgment cannot be used for training: {exc}") from exc
     return groups, _data_record(project_id, cutoff, groups)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object written by _write_json, or {} when there is none (or it is unreadable)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write atomically: a reader sees the old file, the new one, or none, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _data_record(project_id: int, cutoff: int, groups: list[Any]) -> dict[str, Any]:
@@ -318,14 +292,8 @@ def _reward_parts(
     """
     from worker.reward import split_by_prompt
 
-    split = params.get("heldout_split", False)
-    if not isinstance(split, bool):
-        raise JobError(f"parameter 'heldout_split' must be true or false, not {split!r}")
-    fraction = _check_type(
-        "heldout_fraction", params.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION), 0.0
-    )
-    if not 0.0 < fraction < 1.0:
-        raise JobError(f"parameter 'heldout_fraction' must be between 0 and 1, not {fraction}")
+    with _params_error():
+        split, fraction = job_params.heldout_params(params)
 
     def untrained(own: list[Any], others: list[Any]) -> list[int]:
         # The same call train_reward makes to hold out its evaluation prompts.
@@ -394,30 +362,48 @@ def run_reward(
     *,
     report: Report,
     should_stop: ShouldStop,
+    should_save: ShouldStop = lambda: False,
 ) -> dict[str, Any]:
     """Train a reward model on the project's judgments and register it as a model version;
-    with `heldout_split`, a held-out partner too (registered with role "heldout")."""
+    with `heldout_split`, a held-out partner too (registered with role "heldout").
+
+    Stopped with `should_save` true (the worker shutting down), the job leaves its state in
+    its work directory: the data cut-off (`data.json`), each finished part's metrics beside
+    its saved model, and the running part's resume checkpoint. The next attempt reads the
+    same judgments, keeps the finished parts and continues the running one from its last
+    step (worker.reward.ResumeState). Any other end removes the work directory.
+    """
     from worker.reward import train_reward
 
     assert job.project_id is not None
     config = reward_config(job.params, settings)
     fail_after = job.params.get("fail_after_step")
-    groups, data = load_groups(factory, job.project_id)
+    work = work_dir(settings, "reward", job.id)
+    saved_cutoff = _read_json(work / "data.json").get("max_judgment_id")
+    groups, data = load_groups(factory, job.project_id, cutoff=saved_cutoff)
     if not _has_preference(groups):
         raise JobError(f"project {job.project_id} has no judgments with a preference to train on")
     parts = _reward_parts(
         groups, data, config, job.params, artifact_dir(settings, "reward", job.id)
     )
+    finished: dict[str, dict[str, Any]] = {}
     for part in parts:
-        if part.out_dir.exists():
+        done = _read_json(work / part.role / "done.json")
+        if part.out_dir.exists() and done:
+            finished[part.role] = done  # trained by an attempt that was stopped after it
+        elif part.out_dir.exists():
             # Left by an attempt that died between saving and registering: never registered
             # (registration and success commit together), so nothing points at it.
             shutil.rmtree(part.out_dir)
+    _write_json(work / "data.json", {"max_judgment_id": data["max_judgment_id"]})
 
     last: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
     try:
         for part in parts:
+            if part.role in finished:
+                results.append(finished[part.role])
+                continue
             extra = {"data": part.data, "model": part.role}
             report({"stage": "training", **extra})
 
@@ -430,14 +416,22 @@ def run_reward(
                     )
                 if should_stop():
                     raise Interrupted(
-                        f"stopped after step {progress['step']} of {progress['total_steps']}"
+                        f"stopped after step {progress['step']} of {progress['total_steps']}",
+                        save=should_save(),
                     )
 
             try:
-                metrics = train_reward(config, part.groups, part.out_dir, on_progress=on_progress)
+                metrics = train_reward(
+                    config,
+                    part.groups,
+                    part.out_dir,
+                    on_progress=on_progress,
+                    resume_dir=work / part.role,
+                )
             except ValueError as exc:  # the trainer's verdict on the data or config
                 raise JobError(str(exc)) from exc
             results.append(json_safe({**metrics, "data": part.data}))
+            _write_json(work / part.role / "done.json", results[-1])
 
         # --- model in the loop (worker/predict.py): score the open tasks with the new models
         # while the job still runs; stored after it succeeded, never failing it.
@@ -484,10 +478,18 @@ def run_reward(
                 final["heldout_model_version_id"] = models[1].id
             final[predictions.METRICS_KEY] = json_safe(scoring.summary)  # model in the loop
             _chain_and_finish(session, job, models[0].id, final, last)
+    except Interrupted as stop:
+        if not stop.save:  # cancelled or taken over: nothing of this attempt is kept
+            for part in parts:
+                shutil.rmtree(part.out_dir, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     except BaseException:
         for part in parts:
             shutil.rmtree(part.out_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
+    shutil.rmtree(work, ignore_errors=True)
     # --- model in the loop: the job has succeeded; store the scores, replace the predictions
     predict.store(
         factory,
@@ -644,16 +646,8 @@ def guard_config(params: dict[str, Any], has_heldout: bool) -> Any:
     out, it is on exactly when a held-out reward model scores the rollouts (without one, the
     "best" step would be the luckiest batch of the training reward).
     """
-    from worker.guard import GuardConfig
-
-    value = params.get("guard")
-    if value is False or (value is None and not has_heldout):
-        return None
-    if value is None or value is True:
-        return GuardConfig()
-    if not isinstance(value, dict):
-        raise JobError(f"parameter 'guard' must be true, false or an object, not {value!r}")
-    return _build(GuardConfig, config_values(GuardConfig, value, (), "guard"), "guard")
+    with _params_error():
+        return job_params.guard_config(params.get("guard"), has_heldout)
 
 
 def run_ppo(

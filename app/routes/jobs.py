@@ -13,7 +13,7 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
 from app.deps import AdminUser, Db, ExportUser
-from app.errors import InvalidInput
+from app.errors import Conflict, InvalidInput
 from app.models import utcnow
 from app.schemas import JobCreate, JobOut
 from app.services import jobs
@@ -69,35 +69,53 @@ def _form_params(
         if not isinstance(parsed, dict):
             raise InvalidInput("extra parameters must be a JSON object")
         params.update(parsed)
-    numbers: list[tuple[str, str | None, type]] = [
-        ("epochs", epochs, int),
-        ("lr", lr, float),
-        ("batch_size", batch_size, int),
+    numbers: list[tuple[str, str | None, type, str]] = [
+        ("epochs", epochs, int, "a whole number"),
+        ("lr", lr, float, "a number"),
+        ("batch_size", batch_size, int, "a whole number"),
     ]
-    for name, raw, cast in numbers:
+    for name, raw, cast, what in numbers:
         if raw is not None and raw.strip():
             try:
                 params[name] = cast(raw.strip())
             except ValueError:
-                raise InvalidInput(f"{name} must be a number") from None
+                raise InvalidInput(f"{name} must be {what}, not {raw.strip()!r}") from None
     if backbone and backbone.strip():
         params["backbone"] = backbone.strip()
     return params
 
 
+def _render_jobs(
+    request: Request,
+    db: Db,
+    project_id: int,
+    *,
+    form: dict[str, str] | None = None,
+    error: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    project, rows = jobs.overview(db, project_id)
+    context = {
+        "project": project,
+        "jobs": rows,
+        "kinds": jobs.USER_KINDS,
+        "eta_text": jobs.eta_text,
+        "form": form or {},
+        "error": error,
+    }
+    # A failed start re-renders the whole page (its form); the poll asks for the jobs block.
+    block = "jobs" if error is None else None
+    return render(request, "jobs/project.html", context, block=block, status_code=status_code)
+
+
 @router.get("/projects/{project_id}/jobs", include_in_schema=False)
 def jobs_page(request: Request, project_id: int, db: Db, user: ExportUser) -> Response:
-    project, rows = jobs.overview(db, project_id)
-    return render(
-        request,
-        "jobs/project.html",
-        {"project": project, "jobs": rows, "kinds": jobs.KINDS, "eta_text": jobs.eta_text},
-        block="jobs",
-    )
+    return _render_jobs(request, db, project_id)
 
 
 @router.post("/projects/{project_id}/jobs", include_in_schema=False)
 def start_job(
+    request: Request,
     project_id: int,
     db: Db,
     user: AdminUser,
@@ -108,20 +126,40 @@ def start_job(
     backbone: Annotated[str | None, Form()] = None,
     extra: Annotated[str | None, Form()] = None,
 ) -> Response:
-    params = _form_params(epochs, lr, batch_size, backbone, extra)
-    job = jobs.enqueue(db, project_id, kind, params, user.id)
+    """Start a job from the form; a bad value or a running reward job re-renders the form
+    with the message and what was typed."""
+    form = {
+        "epochs": epochs or "",
+        "lr": lr or "",
+        "batch_size": batch_size or "",
+        "backbone": backbone or "",
+        "extra": extra or "",
+    }
+    try:
+        params = _form_params(epochs, lr, batch_size, backbone, extra)
+        job = jobs.enqueue(db, project_id, kind, params, user.id)
+    except (InvalidInput, Conflict) as exc:
+        return _render_jobs(
+            request, db, project_id, form=form, error=exc.message, status_code=exc.status
+        )
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
 @router.get("/jobs/{job_id}", include_in_schema=False)
 def job_page(request: Request, job_id: int, db: Db, user: ExportUser) -> Response:
     job = jobs.get(db, job_id)
-    return render(
-        request,
-        "jobs/job.html",
-        {"job": job, "eta_text": jobs.eta_text, "active": job.state in jobs.ACTIVE_STATES},
-        block="status",
-    )
+    context = {
+        "job": job,
+        "eta_text": jobs.eta_text,
+        "active": job.state in jobs.ACTIVE_STATES,
+        "json_text": _json_text,
+    }
+    return render(request, "jobs/job.html", context, block="status")
+
+
+def _json_text(value: Any) -> str:
+    """A param as the JSON it was sent as (true, not True); autoescaped by the template."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 @router.post("/jobs/{job_id}/cancel", include_in_schema=False)

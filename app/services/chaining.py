@@ -51,6 +51,9 @@ DEFAULT_GENERATE_PROMPTS = "heldout"
 HELDOUT_ROLE = "heldout"
 """`config["role"]` of a reward model trained as another one's held-out partner."""
 
+_PARAMS_KIND = {REWARD_PARAMS: jobs.REWARD, PPO_PARAMS: jobs.PPO, GENERATE_PARAMS: jobs.GENERATE}
+"""The kind of job each params setting goes to."""
+
 # Params the chain sets itself; a loop setting naming them would be silently overridden.
 _CHAIN_OWNED = {
     PPO_PARAMS: ("reward_model_id", "trigger", "after_job"),
@@ -114,6 +117,10 @@ def _check_loop_value(key: str, value: Any) -> Any:
     owned = sorted(set(value) & set(_CHAIN_OWNED[key]))
     if owned:
         raise InvalidInput(f"{key} may not set {', '.join(owned)}: the loop sets it")
+    try:  # the jobs these start must not fail later for a typo made now
+        jobs.check_params(_PARAMS_KIND[key], value)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{key}: {exc.message}") from None
     return dict(value)
 
 
@@ -304,7 +311,7 @@ def after_success(
     chain = {"trigger": CHAIN_TRIGGER, "after_job": job_id}
     if kind == jobs.REWARD and loop[PPO_AFTER_REWARD]:
         params = {**loop[PPO_PARAMS], "reward_model_id": model_version_id, **chain}
-        return jobs.enqueue(session, project_id, jobs.PPO, params, None)
+        return jobs.enqueue_internal(session, project_id, jobs.PPO, params)
     if kind == jobs.PPO and loop[GENERATE_AFTER_POLICY]:
         params = {
             "prompts": DEFAULT_GENERATE_PROMPTS,
@@ -312,7 +319,7 @@ def after_success(
             "policy_id": model_version_id,
             **chain,
         }
-        return jobs.enqueue(session, project_id, jobs.GENERATE, params, None)
+        return jobs.enqueue_internal(session, project_id, jobs.GENERATE, params)
     return None
 
 

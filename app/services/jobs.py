@@ -19,18 +19,19 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from app.domain import job_params
+from app.domain.job_params import GENERATE, PPO, REWARD
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import Job, JobState, Judgment, ModelKind, ModelVersion, Project
 
-REWARD = "reward"
-PPO = "ppo"
-GENERATE = "generate"
 WEBHOOK = "webhook"  # delivered by app.services.webhooks.run_due, not the worker runner
-KINDS = (REWARD, PPO, GENERATE, WEBHOOK)
-"""Job kinds the queue accepts."""
 TRAINING_KINDS = (REWARD, PPO, GENERATE)
 """What the training worker's runner claims; webhook deliveries go through webhooks.run_due,
 which honours their back-off times."""
+USER_KINDS = TRAINING_KINDS
+"""What people may start (API, admin form, CLI): `enqueue`."""
+KINDS = (*TRAINING_KINDS, WEBHOOK)
+"""Job kinds the queue holds; the app itself queues the rest (`enqueue_internal`)."""
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
 FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.cancelled)
@@ -114,6 +115,21 @@ def active_job(session: Session, project_id: int, kind: str) -> Job | None:
     return session.scalar(stmt)
 
 
+def check_params(kind: str, params: dict[str, Any]) -> None:
+    """InvalidInput unless a `kind` job could start with `params`: the rules the worker applies
+    when it runs one (app.domain.job_params), asked up front so a typo or `epochs: -3` is a
+    422 now instead of a failed job, or an untrained model, later."""
+    try:
+        job_params.check(kind, params)
+    except job_params.InvalidParams as exc:
+        raise InvalidInput(str(exc)) from None
+    if kind in (GENERATE, PPO) and "prompts" in params:
+        # Deferred import: generation reaches this module through chaining.
+        from app.services import generation
+
+        generation.parse_selection(params["prompts"])
+
+
 def enqueue(
     session: Session,
     project_id: int,
@@ -123,7 +139,29 @@ def enqueue(
     *,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> Job:
-    """Queue a job. At most one reward job per project may be queued or running at once.
+    """Queue a job a person asked for (the API, the admin form, the CLI): one of USER_KINDS,
+    with params the worker will accept (`check_params`). At most one reward job per project
+    may be queued or running at once."""
+    if kind not in USER_KINDS:
+        raise InvalidInput(f"unknown job kind {kind!r}; expected one of {', '.join(USER_KINDS)}")
+    clean = _validate_params(params)
+    check_params(kind, clean)
+    return enqueue_internal(session, project_id, kind, clean, created_by, max_attempts=max_attempts)
+
+
+def enqueue_internal(
+    session: Session,
+    project_id: int,
+    kind: str,
+    params: dict[str, Any] | None,
+    created_by: int | None = None,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> Job:
+    """Queue a job the app itself starts: a chained run, an automatic retrain, a webhook
+    delivery. Any of KINDS; params are not checked beyond being an object, since a loop
+    setting stored before a rule must fail its own job in the worker, not the job that
+    succeeded and chains it. At most one reward job per project may be queued or running.
 
     The project row is locked first (``FOR NO KEY UPDATE``, which does not block the foreign
     key checks of judgments being inserted meanwhile), and the "already active?" question is
@@ -270,6 +308,7 @@ def fail(
     if retryable and job.attempts < job.max_attempts:
         _move(job, JobState.queued)
         job.worker_id = None
+        job.progress = interrupted_progress(job.progress, f"attempt {job.attempts} failed")
     else:
         _move(job, JobState.failed)
         job.finished_at = now or datetime.now(UTC)
@@ -287,19 +326,33 @@ def fail(
     return job
 
 
-def requeue(session: Session, job_id: int, worker_id: str) -> Job | None:
+def requeue(
+    session: Session, job_id: int, worker_id: str, *, progress: dict[str, Any] | None = None
+) -> Job | None:
     """Give a running job back to the queue without counting an attempt (a worker shutting down).
 
-    Returns None when the job was no longer this worker's (cancelled or taken over meanwhile).
+    `progress` is the worker's latest (the row's is as old as the last heartbeat); the row
+    keeps how far it got, as `interrupted`. Returns None when the job was no longer this
+    worker's (cancelled or taken over meanwhile).
     """
     job = _owned(session, job_id, worker_id)
     if job is None:
         return None
     _move(job, JobState.queued)
     job.worker_id = None
-    job.progress = {**(job.progress or {}), "requeued": "worker stopped"}
+    last = progress if progress is not None else job.progress
+    job.progress = interrupted_progress(last, "worker stopped")
     session.flush()
     return job
+
+
+def interrupted_progress(progress: dict[str, Any] | None, reason: str) -> dict[str, Any]:
+    """A requeued job's progress: why it went back and how far the stopped run got
+    (`interrupted`), without the step, loss and ETA keys a running job shows — nothing runs
+    it until a worker claims it again, which starts the progress afresh."""
+    last = progress or {}
+    kept = {k: last[k] for k in ("stage", "model", "step", "total_steps") if k in last}
+    return {"requeued": reason, **({"interrupted": kept} if kept else {})}
 
 
 def requeue_stale(session: Session, now: datetime, stale_after_s: float) -> list[Job]:
@@ -336,23 +389,35 @@ def cancel(session: Session, job_id: int, *, now: datetime | None = None) -> Job
 
 
 def judgments_since_last_reward(session: Session, project_id: int) -> int:
-    """Judgments created after the project's newest reward job or reward model, whichever is later.
+    """Judgments the project's newest reward model did not train on, made after its newest
+    reward job was queued.
 
-    Failed and cancelled jobs count as a baseline too: retrying a failing job on every poll
-    would loop, so the next try waits for N more judgments.
+    The model's baseline is its data cut-off (`config["data"]["max_judgment_id"]`, recorded
+    by the worker), not its creation time: judgments that came in while it trained are not
+    in it, so they count toward the next retrain. A model without that record (registered
+    by hand) falls back to its creation time. Failed and cancelled jobs count as a baseline
+    too: retrying a failing job on every poll would loop, so the next try waits for N more
+    judgments.
     """
+    stmt = select(func.count()).select_from(Judgment).where(Judgment.project_id == project_id)
     last_job = session.scalar(
         select(func.max(Job.created_at)).where(Job.project_id == project_id, Job.kind == REWARD)
     )
-    last_model = session.scalar(
-        select(func.max(ModelVersion.created_at)).where(
-            ModelVersion.project_id == project_id, ModelVersion.kind == ModelKind.reward
-        )
+    if last_job is not None:
+        stmt = stmt.where(Judgment.created_at > last_job)
+    model = session.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.project_id == project_id, ModelVersion.kind == ModelKind.reward)
+        .order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
+        .limit(1)
     )
-    baselines = [t for t in (last_job, last_model) if t is not None]
-    stmt = select(func.count()).select_from(Judgment).where(Judgment.project_id == project_id)
-    if baselines:
-        stmt = stmt.where(Judgment.created_at > max(baselines))
+    if model is not None:
+        data = (model.config or {}).get("data")
+        cutoff = data.get("max_judgment_id") if isinstance(data, dict) else None
+        if isinstance(cutoff, int) and not isinstance(cutoff, bool):
+            stmt = stmt.where(Judgment.id > cutoff)
+        else:
+            stmt = stmt.where(Judgment.created_at > model.created_at)
     return int(session.scalar(stmt) or 0)
 
 
@@ -375,7 +440,7 @@ def maybe_schedule_reward(session: Session, project_id: int) -> Job | None:
     if judgments_since_last_reward(session, project_id) < threshold:
         return None
     try:
-        return enqueue(session, project_id, REWARD, {"trigger": "auto"}, None)
+        return enqueue_internal(session, project_id, REWARD, {"trigger": "auto"})
     except Conflict:
         return None  # another worker scheduled it between our check and our lock
 

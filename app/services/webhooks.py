@@ -199,7 +199,9 @@ def emit(
             "not_before": now.astimezone(UTC).isoformat(),
         }
         queued.append(
-            jobs.enqueue(session, project_id, jobs.WEBHOOK, params, None, max_attempts=MAX_ATTEMPTS)
+            jobs.enqueue_internal(
+                session, project_id, jobs.WEBHOOK, params, max_attempts=MAX_ATTEMPTS
+            )
         )
     return queued
 
