@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import secrets
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import IO, Annotated, Any, BinaryIO
 
 import typer
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from rich.console import Console
 from rich.markup import escape
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, transaction
 from app.errors import Conflict, DomainError, InvalidInput
-from app.models import Role
+from app.models import Job, JobState, Role
 from app.services import users
 from app.settings import Settings
 
@@ -512,6 +515,9 @@ def worker(
     once: Annotated[bool, typer.Option(help="run at most one job, then exit")] = False,
     poll_interval: Annotated[float, typer.Option(help="seconds between queue polls")] = 2.0,
     kind: Annotated[list[str] | None, typer.Option(help="only claim these job kinds")] = None,
+    progress_bar: Annotated[
+        bool, typer.Option(help="draw a progress bar of the running job (on a terminal)")
+    ] = False,
 ) -> None:
     """Claim and run queued jobs until SIGTERM/SIGINT (then finish the step and requeue)."""
     args = ["--poll-interval", str(poll_interval)]
@@ -519,6 +525,8 @@ def worker(
         args.append("--once")
     for name in kind or []:
         args += ["--kind", name]
+    if progress_bar:
+        args.append("--progress-bar")
     _exec_worker(args)
 
 
@@ -548,10 +556,18 @@ def train_reward(
         list[str] | None, typer.Option("--param", "-p", help="any trainer field: key=value")
     ] = None,
     wait: Annotated[
-        bool, typer.Option(help="run the job here, with a progress bar, until it ends")
+        bool,
+        typer.Option(
+            help="follow the job until it ends, with a progress bar: run it here, or watch "
+            "the worker that took it"
+        ),
     ] = False,
 ) -> None:
-    """Queue a reward-model training job for PROJECT (id or name) on all its judgments so far."""
+    """Queue a reward-model training job for PROJECT (id or name) on all its judgments so far.
+
+    With --wait: exit 0 when the job succeeds (printing the model version and its held-out
+    accuracy), 1 when it fails or is cancelled, 130 on Ctrl-C, which stops following but
+    never cancels the job."""
     from app.services import jobs, projects
 
     params: dict[str, object] = dict(_param(p) for p in param or [])
@@ -563,15 +579,247 @@ def train_reward(
     ):
         if value is not None:
             params[key] = value
+    settings = Settings()
+    factory = _sessions(settings)
     try:
-        with transaction(_sessions(Settings())) as session:
+        with transaction(factory) as session:
             proj = projects.resolve(session, project)
             job_id = jobs.enqueue(session, proj.id, jobs.REWARD, params, None).id
     except DomainError as exc:
         _fail(exc)
     console.print(f"queued reward job [bold]{job_id}[/bold]")
     if wait:
-        _exec_worker(["--job", str(job_id), "--progress-bar"])
+        raise typer.Exit(code=_wait_for_job(factory, job_id))
+
+
+# --- train reward --wait: follow a job to its end, whoever runs it ----------------------------
+
+WAIT_POLL_S = 1.0
+"""How often --wait reads the job row while another worker runs the job."""
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _job_row(factory: sessionmaker[Session], job_id: int) -> Job:
+    """The job as it is now, read in its own short transaction (a detached row)."""
+    from app.db import read_only
+    from app.services import jobs
+
+    with transaction(factory) as session:
+        return jobs.get(read_only(session), job_id)
+
+
+def _wait_for_job(factory: sessionmaker[Session], job_id: int) -> int:
+    """Follow job `job_id` until it succeeds, fails or is cancelled; the exit code.
+
+    While the job is queued, a worker subprocess (`python -m worker.main --job ID
+    --progress-bar`) tries to claim it and run it here. A `prefloop worker` that is running
+    polls every two seconds and often takes the job first (the subprocess needs seconds to
+    import torch): then the job row is followed instead, its progress (step, total_steps,
+    loss, eta_s, heartbeated by that worker) drawn as the same kind of bar. A job requeued
+    for a retry is followed through the retry, wherever it runs. Ctrl-C or SIGTERM stop the
+    following, not the job: one running here is handed back to the queue after its step.
+    """
+    import signal
+    import threading
+
+    from app.services import jobs
+
+    # SIGTERM ends the wait as Ctrl-C does (handlers can only be set on the main thread).
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if on_main else None
+    try:
+        while True:
+            job = _job_row(factory, job_id)
+            if job.state in jobs.FINAL_STATES:
+                return _report_end(job)
+            if job.state is JobState.running:
+                _follow(factory, job)
+                continue
+            code, ours = _run_here(job_id)
+            after = _job_row(factory, job_id)
+            if after.state is JobState.queued and after.started_at == job.started_at:
+                err_console.print(
+                    f"[red]error:[/red] the worker process exited with code {code} without "
+                    f"taking job {job_id}; the job is still queued"
+                )
+                return 1
+            if after.state is JobState.running and after.worker_id == ours:  # it died with it
+                how = f"was killed (signal {-code})" if code < 0 else f"exited with code {code}"
+                err_console.print(
+                    f"[red]error:[/red] the worker process {how} while running job {job_id}; "
+                    "a running worker requeues the job once its heartbeat is stale"
+                )
+                return 1
+    except KeyboardInterrupt:
+        return _interrupted(factory, job_id)
+    except DomainError as exc:  # the job is gone (its project was deleted)
+        _fail(exc)
+        raise  # unreachable: _fail exits
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_here(job_id: int) -> tuple[int, str]:
+    """Run the job in a worker subprocess, if it can claim it; (exit code, its worker id).
+
+    The web package never imports worker code, hence the subprocess. Its log comes through
+    this process, less the "job N is not queued" line, which is no error here: another worker
+    took the job, and it is followed instead. (A piped stderr also keeps the trainer's own
+    tqdm bar, drawn only on a terminal, out of the worker's rich bar.) Ctrl-C reaches the
+    subprocess too; it finishes its step and requeues the job, and is waited for.
+    """
+    import signal
+    import socket
+    import subprocess
+    import threading
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "worker.main", "--job", str(job_id), "--progress-bar"],
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+    assert child.stderr is not None
+    relay = threading.Thread(
+        target=_relay, args=(child.stderr, f"job {job_id} is not queued"), daemon=True
+    )
+    relay.start()
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C went to the subprocess as well; a SIGTERM or a kill of this
+        # process alone did not: pass it on (a second SIGINT only repeats the request).
+        child.send_signal(signal.SIGINT)
+        err_console.print("stopping: the worker finishes its current step and requeues the job")
+        while child.returncode is None:
+            try:
+                child.wait()
+            except KeyboardInterrupt:
+                continue
+        relay.join()
+        raise
+    relay.join()
+    # worker.main names itself host:pid (worker.main.worker_id).
+    return code, f"{socket.gethostname()}:{child.pid}"
+
+
+def _relay(stream: IO[str], drop: str) -> None:
+    for line in stream:
+        if drop not in line:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def _follow(factory: sessionmaker[Session], job: Job) -> None:
+    """Draw the progress of a job another worker runs until it stops running (it ended, or
+    went back to the queue)."""
+    import time
+
+    console.print(
+        f"job {job.id} is running on worker {job.worker_id}; following it "
+        "(Ctrl-C stops following, not the job)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    with _job_bar() as show:
+        while job.state is JobState.running:
+            show(job.progress or {}, None)
+            time.sleep(WAIT_POLL_S)
+            job = _job_row(factory, job.id)
+        show(job.progress or {}, job.state.value)
+
+
+@contextmanager
+def _job_bar() -> Iterator[Callable[[dict[str, Any], str | None], None]]:
+    """A rich progress bar (as the worker's own) fed with a job row's progress: its stage,
+    step of total_steps, loss and ETA. Yields show(progress, stage)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from app.services import jobs
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("eta {task.fields[eta]}"),
+        console=console,
+    )
+    task = bar.add_task("running", total=None, loss="-", eta="-")
+
+    def show(progress: dict[str, Any], stage: str | None) -> None:
+        fields: dict[str, Any] = {
+            "description": escape(stage or str(progress.get("stage") or "running")),
+            "eta": jobs.eta_text(progress) or "-",
+        }
+        total, step, loss = progress.get("total_steps"), progress.get("step"), progress.get("loss")
+        if isinstance(total, int) and total > 0:
+            fields["total"] = total
+        if isinstance(step, int):
+            fields["completed"] = step
+        if isinstance(loss, float):
+            fields["loss"] = f"{loss:.4f}"
+        bar.update(task, **fields)
+
+    bar.start()
+    try:
+        yield show
+    finally:
+        bar.stop()
+
+
+def _report_end(job: Job) -> int:
+    """Say how the job ended; 0 when it succeeded, else 1."""
+    if job.state is JobState.succeeded:
+        metrics = job.metrics or {}
+        held_out = metrics.get("eval") or {}
+        accuracy, pairs = held_out.get("accuracy"), held_out.get("pairs")
+        if isinstance(accuracy, int | float) and not isinstance(accuracy, bool):
+            scored = f"held-out accuracy {accuracy:.3f} on {pairs} pairs"
+        else:
+            scored = "no held-out accuracy (no held-out pairs)"
+        line = f"job {job.id} succeeded: reward model {metrics.get('model_version_id')}, {scored}"
+        partner = metrics.get("heldout_model_version_id")
+        if partner is not None:
+            line += f"; held-out partner model {partner}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return 0
+    if job.state is JobState.failed:
+        reason = (job.error or "no error recorded").split("\n\n", 1)[0].strip()
+        err_console.print(
+            f"[red]error:[/red] job {job.id} failed after {job.attempts} attempt(s): "
+            f"{escape(reason)}",
+            soft_wrap=True,
+        )
+        return 1
+    err_console.print(f"[red]error:[/red] job {job.id} was cancelled")
+    return 1
+
+
+def _interrupted(factory: sessionmaker[Session], job_id: int) -> int:
+    """After Ctrl-C: where the job is now, and how to cancel it (there is no CLI command)."""
+    from app.services import jobs
+
+    job = _job_row(factory, job_id)
+    if job.state in jobs.FINAL_STATES:
+        _report_end(job)
+        return INTERRUPTED
+    if job.state is JobState.queued:
+        where = "is queued; the next worker to poll (`prefloop worker`) runs it"
+    else:
+        where = f"keeps running in the background on worker {job.worker_id}"
+    for line in (
+        f"interrupted: stopped waiting for job {job_id}, which {where}.",
+        f"To cancel it, press Cancel on its page (/jobs/{job_id}) or, with an admin's API "
+        "token (`prefloop token create ADMIN`):",
+        f"  curl -X POST -H 'Authorization: Bearer TOKEN' "
+        f"http://127.0.0.1:8000/api/v1/jobs/{job_id}/cancel",
+    ):
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return INTERRUPTED
 
 
 @cli.command("models")

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from transformers import AutoModelForSequenceClassification
 
 from app.db import transaction
+from app.errors import InvalidInput
 from app.main import create_app
 from app.models import (
     Job,
@@ -36,10 +37,11 @@ from app.models import (
     Project,
     ProjectMode,
     Role,
+    Snapshot,
     Task,
     User,
 )
-from app.services import jobs, training_data
+from app.services import jobs, snapshots, training_data
 from app.settings import Settings
 from tests.factories import make_project, make_prompt, make_task, make_token, make_user
 from worker import main as worker_main
@@ -367,7 +369,9 @@ def test_a_stopped_reward_job_resumes_on_its_next_claim_with_the_same_data(
     assert worker_main.main(worker_settings, once=True, stop=stop, on_progress=record) == ["queued"]
     work = runner.work_dir(worker_settings, "reward", job_id)
     assert (work / "main" / "resume.json").exists() and (work / "data.json").exists()
-    cutoff = runner._read_json(work / "data.json")["max_judgment_id"]
+    snapshot_id = runner._read_json(work / "data.json")["snapshot_id"]
+    with transaction(committed_factory) as session:
+        cutoff = session.get(Snapshot, snapshot_id).max_judgment_id
     with transaction(committed_factory) as session:  # a judgment after the stop
         project = session.get(Project, project_id)
         assert project is not None
@@ -389,9 +393,55 @@ def test_a_stopped_reward_job_resumes_on_its_next_claim_with_the_same_data(
     job = job_row(committed_factory, job_id)
     assert (job.state, job.attempts) == (JobState.succeeded, 0)
     assert job.metrics["data"]["max_judgment_id"] == cutoff  # the late judgment is not in it
+    assert job.metrics["data"]["snapshot_id"] == snapshot_id  # the first attempt's snapshot
     with transaction(committed_factory) as session:
-        roles = sorted(m.config.get("role", "main") for m in session.scalars(select(ModelVersion)))
-    assert roles == ["heldout", "main"]
+        models = session.scalars(select(ModelVersion)).all()
+        assert sorted(m.config.get("role", "main") for m in models) == ["heldout", "main"]
+        assert {m.snapshot_id for m in models} == {snapshot_id}
+        assert session.scalars(select(Snapshot.id)).all() == [snapshot_id]
+
+
+def test_a_reward_job_trains_on_the_snapshot_it_names(
+    committed_factory: sessionmaker[Session], worker_settings: Settings, backbone: Path
+) -> None:
+    """A snapshot filtered to one annotator: the job trains on exactly its judgments (14 of
+    the 40) and the model names it; another project's snapshot is refused when queued."""
+    project_id, _, _ = seed_planted(committed_factory, 42)
+    other_project, _, _ = seed_planted(committed_factory, 3, seed=2)
+    with transaction(committed_factory) as session:
+        first = session.scalar(
+            select(Judgment).where(Judgment.project_id == project_id).order_by(Judgment.id)
+        )
+        assert first is not None
+        annotator = session.get(User, first.user_id)
+        assert annotator is not None
+        snapshot = snapshots.create(
+            session, project_id, {"annotator": annotator.username}, created_by=None
+        )
+        foreign = snapshots.create(session, other_project, {}, created_by=None)
+        snapshot_id, foreign_id, rows = snapshot.id, foreign.id, snapshot.row_count
+    assert rows == 14
+    with (
+        transaction(committed_factory) as session,
+        pytest.raises(InvalidInput, match="no snapshot"),
+    ):
+        jobs.enqueue(
+            session, project_id, "reward", tiny_params(backbone, snapshot_id=foreign_id), None
+        )
+    job_id = enqueue(
+        committed_factory, project_id, "reward", tiny_params(backbone, snapshot_id=snapshot_id)
+    )
+    assert worker_main.main(worker_settings, once=True) == ["succeeded"]
+    job = job_row(committed_factory, job_id)
+    assert job.metrics["data"]["snapshot_id"] == snapshot_id
+    assert job.metrics["train_groups"] + job.metrics["eval_groups"] == 14
+    with transaction(committed_factory) as session:
+        model = session.get(ModelVersion, job.metrics["model_version_id"])
+        assert model is not None and model.snapshot_id == snapshot_id
+        assert session.scalars(select(Snapshot.id).order_by(Snapshot.id)).all() == [
+            snapshot_id,
+            foreign_id,
+        ]  # no new snapshot when the job names one
 
 
 def test_sigterm_to_a_real_worker_process_requeues_the_job(

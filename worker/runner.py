@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import read_only, transaction
 from app.domain import job_params
-from app.errors import DomainError
+from app.errors import DomainError, NotFound
 from app.models import Job, ModelKind, ModelVersion
 from app.services import (
     chaining,
@@ -47,6 +47,7 @@ from app.services import (
     model_registry,
     predictions,
     projects,
+    snapshots,
     training_data,
 )
 from app.settings import Settings
@@ -221,23 +222,35 @@ def _describe(selection: generation.Selection) -> str:
 
 
 def load_groups(
-    factory: sessionmaker[Session], project_id: int, *, cutoff: int | None = None
+    factory: sessionmaker[Session], project_id: int, *, snapshot_id: int | None
 ) -> tuple[list[Any], dict[str, Any]]:
-    """The project's judgments up to `cutoff` (default: the newest one now), as
-    PreferenceGroups, plus a record of the cut-off (stored with the model so the run can be
-    reproduced)."""
+    """The judgments of a snapshot of the project as PreferenceGroups, plus a record of the
+    data (stored with the model so the run can be reproduced). Without `snapshot_id`, a new
+    snapshot of every judgment is taken first (committed, so it stays a dataset version
+    whatever happens to the job)."""
     from worker.reward import PreferenceGroup
 
+    if snapshot_id is None:
+        with transaction(factory) as session:
+            snapshot_id = snapshots.create(session, project_id, {}, created_by=None).id
     with transaction(factory) as session:
         read_only(session)  # SQLite: a long read must not hold the write lock over labeling
-        newest = training_data.max_judgment_id(session, project_id)
-        cutoff = newest if cutoff is None else cutoff
-        rows = list(training_data.preference_groups(session, project_id, max_judgment_id=cutoff))
+        try:
+            owner, cutoff, ids = training_data.snapshot_judgments(session, snapshot_id)
+        except NotFound as exc:
+            raise JobError(str(exc)) from exc
+        if owner != project_id:
+            raise JobError(f"snapshot {snapshot_id} belongs to project {owner}, not {project_id}")
+        rows = list(
+            training_data.preference_groups(
+                session, project_id, max_judgment_id=cutoff, judgment_ids=ids
+            )
+        )
     try:
         groups = [PreferenceGroup(**{**row, "prompt_id": str(row["prompt_id"])}) for row in rows]
     except ValueError as exc:
         raise JobError(f"a judgment cannot be used for training: {exc}") from exc
-    return groups, _data_record(project_id, cutoff, groups)
+    return groups, _data_record(project_id, cutoff, groups, snapshot_id)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -257,9 +270,12 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _data_record(project_id: int, cutoff: int, groups: list[Any]) -> dict[str, Any]:
+def _data_record(
+    project_id: int, cutoff: int, groups: list[Any], snapshot_id: int | None = None
+) -> dict[str, Any]:
     return {
         "project_id": project_id,
+        "snapshot_id": snapshot_id,
         "max_judgment_id": cutoff,
         "judgments": len(groups),
         "prompts": len({g.prompt_id for g in groups}),
@@ -308,19 +324,19 @@ def _reward_parts(
             "too few judged prompts to train two reward models on separate prompts "
             f"({data['prompts']} prompts); train without heldout_split"
         )
-    cutoff = data["max_judgment_id"]
+    cutoff, snapshot = data["max_judgment_id"], data["snapshot_id"]
     return [
         RewardPart(
             "main",
             main,
-            {**_data_record(data["project_id"], cutoff, main), "split": 1 - fraction},
+            {**_data_record(data["project_id"], cutoff, main, snapshot), "split": 1 - fraction},
             out_dir,
             untrained(main, partner),
         ),
         RewardPart(
             "heldout",
             partner,
-            {**_data_record(data["project_id"], cutoff, partner), "split": fraction},
+            {**_data_record(data["project_id"], cutoff, partner, snapshot), "split": fraction},
             out_dir.with_name(f"{out_dir.name}-heldout"),
             untrained(partner, main),
         ),
@@ -368,7 +384,7 @@ def run_reward(
     with `heldout_split`, a held-out partner too (registered with role "heldout").
 
     Stopped with `should_save` true (the worker shutting down), the job leaves its state in
-    its work directory: the data cut-off (`data.json`), each finished part's metrics beside
+    its work directory: the snapshot it trains on (`data.json`), each finished part's metrics beside
     its saved model, and the running part's resume checkpoint. The next attempt reads the
     same judgments, keeps the finished parts and continues the running one from its last
     step (worker.reward.ResumeState). Any other end removes the work directory.
@@ -379,8 +395,9 @@ def run_reward(
     config = reward_config(job.params, settings)
     fail_after = job.params.get("fail_after_step")
     work = work_dir(settings, "reward", job.id)
-    saved_cutoff = _read_json(work / "data.json").get("max_judgment_id")
-    groups, data = load_groups(factory, job.project_id, cutoff=saved_cutoff)
+    # a resumed attempt reads the snapshot its first attempt took
+    snapshot_id = _read_json(work / "data.json").get("snapshot_id") or job.params.get("snapshot_id")
+    groups, data = load_groups(factory, job.project_id, snapshot_id=snapshot_id)
     if not _has_preference(groups):
         raise JobError(f"project {job.project_id} has no judgments with a preference to train on")
     parts = _reward_parts(
@@ -395,7 +412,7 @@ def run_reward(
             # Left by an attempt that died between saving and registering: never registered
             # (registration and success commit together), so nothing points at it.
             shutil.rmtree(part.out_dir)
-    _write_json(work / "data.json", {"max_judgment_id": data["max_judgment_id"]})
+    _write_json(work / "data.json", {"snapshot_id": data["snapshot_id"]})
 
     last: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
@@ -456,6 +473,7 @@ def run_reward(
                         artifact_path=part.out_dir,
                         project_id=job.project_id,
                         job_id=job.id,
+                        snapshot_id=part.data["snapshot_id"],
                         config=json_safe(
                             {
                                 **dataclasses.asdict(config),

@@ -14,7 +14,16 @@ the multi-process path without GPUs):
 
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m worker.train_reward_cli pairs.jsonl out
 
+Margins, as in the job queue: none by default. The export's `margin` column (the strength, or
+the rank distance, written for TRL's RewardTrainer) is ignored unless you pass
+`--margin-column`, which applies it as TRL does. `--margin-from-strength` instead derives a
+margin from the `strength` column, margin_scale * (strength - 1), as the in-app setting
+`margin_from_strength` does (`--set margin_scale=1.0` to change the scale). Tied pairs
+(`prefloop export --ties`) train as ties, as in the app.
+
 `--set NAME=VALUE` sets any other `RewardConfig` field (JSON values: `--set keep_ties=false`).
+OUT_DIR must not exist: checkpoints are never overwritten. The last line on stdout is a JSON
+summary with the final held-out metrics under `eval` (accuracy, loss, ece, pairs).
 """
 
 from __future__ import annotations
@@ -22,13 +31,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from accelerate import Accelerator
+if TYPE_CHECKING:
+    from worker.reward import PreferenceGroup, RewardConfig
 
-from worker.reward import RewardConfig, groups_from_pairs, train_reward
+# torch, transformers and accelerate are imported inside main(), after the command line has
+# been checked: a mistyped OUT_DIR fails in a second, not after loading a model.
+
+HEAD_PREFIXES = ("score.", "classifier.", "pre_classifier.")
+"""Parameter names of the classification head a base model gets when it becomes a reward
+model (Llama-style `score`, BERT-style `classifier`, DistilBERT's `pre_classifier`)."""
+HELD_OUT_KEYS = ("accuracy", "loss", "ece", "pairs")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def read_pairs(path: Path) -> list[dict[str, object]]:
@@ -37,7 +59,32 @@ def read_pairs(path: Path) -> list[dict[str, object]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def groups_from_export(
+    rows: Sequence[Mapping[str, Any]], *, margin_column: bool = False
+) -> list[PreferenceGroup]:
+    """PreferenceGroups from a `pairs` export, built as the in-app job builds them.
+
+    The export writes `margin` (the strength, else the rank distance) for TRL; the job queue
+    trains without margins unless `margin_from_strength` is set, so the column is dropped
+    here unless `margin_column` asks for it. A row flagged `tie` is a tied pair: a tie group,
+    as the app trains it (a target-0.5 pair, or dropped with keep_ties=false), never a win
+    for `chosen`.
+    """
+    from worker.reward import groups_from_pairs
+
+    kept = [
+        row if margin_column else {k: v for k, v in row.items() if k != "margin"} for row in rows
+    ]
+    groups = groups_from_pairs(kept)
+    return [
+        dataclasses.replace(group, ranking=[[0, 1]], margin=None) if row.get("tie") else group
+        for group, row in zip(groups, rows, strict=True)
+    ]
+
+
 def config_from_args(args: argparse.Namespace) -> RewardConfig:
+    from worker.reward import RewardConfig
+
     fields = {f.name for f in dataclasses.fields(RewardConfig)}
     values: dict[str, object] = {
         "epochs": args.epochs,
@@ -47,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> RewardConfig:
     }
     if args.backbone:
         values["backbone"] = args.backbone
+    if args.margin_from_strength:
+        values["margin_from_strength"] = True
     for item in args.set or []:
         name, _, raw = item.partition("=")
         if name not in fields:
@@ -58,26 +107,121 @@ def config_from_args(args: argparse.Namespace) -> RewardConfig:
     return RewardConfig(**values)  # type: ignore[arg-type]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.train_reward_cli", description=__doc__)
-    parser.add_argument("pairs", type=Path, help="JSONL pairs export")
-    parser.add_argument("out_dir", type=Path, help="where the save_pretrained directory goes")
-    parser.add_argument("--backbone", default=None, help="default: packaged MiniLM-L6")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16, help="judgments per process")
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", metavar="NAME=VALUE")
-    args = parser.parse_args(argv)
+def _report_rows(message: str) -> list[tuple[str, str]]:
+    """(key, status) rows of transformers' LOAD REPORT table; [] when it cannot be read."""
+    rows: list[tuple[str, str]] = []
+    in_table = False
+    for line in _ANSI.sub("", message).splitlines():
+        if not in_table:
+            in_table = bool(line.strip()) and set(line.strip()) <= {"-", "+"}
+            continue
+        if not line.strip():
+            break
+        cells = [cell.strip() for cell in line.split(" | ")]
+        if len(cells) < 2:
+            return []
+        rows.append((cells[0], cells[1]))
+    return rows
 
-    accelerator = Accelerator()
+
+def is_new_head_report(message: str) -> bool:
+    """Whether a log message is transformers' LOAD REPORT listing nothing but a freshly
+    initialised classification head: what every base model turned into a reward model gets.
+    A report with anything else in it (unexpected or mismatched weights, missing body
+    weights) is not."""
+    if "LOAD REPORT" not in message:
+        return False
+    rows = _report_rows(message)
+    return bool(rows) and all(
+        status == "MISSING" and key.startswith(HEAD_PREFIXES) for key, status in rows
+    )
+
+
+class _NewHeadReportFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_new_head_report(record.getMessage())
+
+
+@contextmanager
+def quiet_new_head_report() -> Iterator[None]:
+    """Drop transformers' load report while it only lists the new score head.
+
+    Loading a base checkpoint as a sequence classifier always reports the head as MISSING
+    ("newly initialized"): expected here, and a table printed into the progress bar. The
+    filter sits on the logger that emits the report, so every other warning still shows.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _NewHeadReportFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null, so the summary is strict JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def summary(metrics: Mapping[str, Any], num_processes: int) -> dict[str, Any]:
+    """The one-line JSON report: scalar metrics plus the final held-out `eval` metrics."""
+    out = {k: _finite(v) for k, v in metrics.items() if not isinstance(v, list | dict)}
+    held_out = metrics.get("eval") or {}
+    out["eval"] = {key: _finite(held_out.get(key)) for key in HELD_OUT_KEYS}
+    out["num_processes"] = num_processes
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m worker.train_reward_cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("pairs", type=Path, help="JSONL pairs export")
+    p.add_argument("out_dir", type=Path, help="where the save_pretrained directory goes (new)")
+    p.add_argument("--backbone", default=None, help="default: packaged MiniLM-L6")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16, help="judgments per process")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    margins = p.add_mutually_exclusive_group()
+    margins.add_argument(
+        "--margin-column",
+        action="store_true",
+        help="use the export's `margin` column as each pair's margin, as TRL does "
+        "(default: ignored, no margin, as in the app)",
+    )
+    margins.add_argument(
+        "--margin-from-strength",
+        action="store_true",
+        help="margin = margin_scale * (strength - 1) from the `strength` column, as the app's "
+        "margin_from_strength setting",
+    )
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="any RewardConfig field")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.out_dir.exists():
+        p.error(f"{args.out_dir} already exists; checkpoints are never overwritten: name a new one")
+    if not args.pairs.is_file():
+        p.error(f"{args.pairs} is not a file")
+
+    from accelerate import Accelerator
+
+    from worker.reward import train_reward
+
     config = config_from_args(args)
-    groups = groups_from_pairs(read_pairs(args.pairs))
-    metrics = train_reward(config, groups, args.out_dir, accelerator=accelerator)
+    accelerator = Accelerator()
+    groups = groups_from_export(read_pairs(args.pairs), margin_column=args.margin_column)
+    with quiet_new_head_report():
+        metrics = train_reward(config, groups, args.out_dir, accelerator=accelerator)
     if accelerator.is_main_process:
-        summary = {k: v for k, v in metrics.items() if not isinstance(v, list | dict)}
-        summary["num_processes"] = accelerator.num_processes
-        print(json.dumps(summary, default=str))
+        print(json.dumps(summary(metrics, accelerator.num_processes), default=str))
     return 0
 
 

@@ -267,6 +267,8 @@ RUNNER_PARAMS = {
 REWARD_RUNNER_PARAMS = {
     "heldout_split": "also train a held-out reward model on a separate part of the prompts",
     "heldout_fraction": "the held-out model's share of the prompts (default 0.5)",
+    "snapshot_id": "train on this snapshot of the project (default: a new snapshot of every "
+    "judgment, taken when the job starts)",
 }
 GENERATE_RUNNER_PARAMS = {
     "policy_id": "the policy model version to sample from (default: the packaged SmolLM2)",
@@ -436,6 +438,7 @@ def check(kind: str, params: Mapping[str, Any]) -> None:
         values = config_values(RewardConfig, params, REWARD_RUNNER_PARAMS, REWARD)
         build(RewardConfig, values, REWARD)
         heldout_params(params)
+        int_param(params, "snapshot_id")
     elif kind == GENERATE:
         values = config_values(GenerateConfig, params, GENERATE_RUNNER_PARAMS, GENERATE)
         build(GenerateConfig, values, GENERATE)

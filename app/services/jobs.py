@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app.domain import job_params
 from app.domain.job_params import GENERATE, PPO, REWARD
 from app.errors import Conflict, InvalidInput, NotFound
-from app.models import Job, JobState, Judgment, ModelKind, ModelVersion, Project
+from app.models import Job, JobState, Judgment, ModelKind, ModelVersion, Project, Snapshot
 
 WEBHOOK = "webhook"  # delivered by app.services.webhooks.run_due, not the worker runner
 TRAINING_KINDS = (REWARD, PPO, GENERATE)
@@ -146,6 +146,11 @@ def enqueue(
         raise InvalidInput(f"unknown job kind {kind!r}; expected one of {', '.join(USER_KINDS)}")
     clean = _validate_params(params)
     check_params(kind, clean)
+    snapshot_id = clean.get("snapshot_id")
+    if kind == REWARD and snapshot_id is not None:
+        snapshot = session.get(Snapshot, snapshot_id)
+        if snapshot is None or snapshot.project_id != project_id:
+            raise InvalidInput(f"project {project_id} has no snapshot {snapshot_id}")
     return enqueue_internal(session, project_id, kind, clean, created_by, max_attempts=max_attempts)
 
 

@@ -9,14 +9,15 @@ weighted as one comparison, not K·(K-1)/2 of them.
 The rows are plain dicts with the fields of ``worker.reward.PreferenceGroup`` (the web
 process never imports the worker), so the runner builds the dataclass with ``**row``.
 
-Until snapshots exist, a training run freezes its data by the largest judgment id present
-when it starts (`max_judgment_id`): judgments are never edited or deleted, so "every judgment
-of the project with id ≤ M" is a reproducible dataset.
+A reward job trains on a snapshot (app.services.snapshots; one is taken when the job starts
+unless it names one): `snapshot_judgments` gives its cut-off and the judgment ids its filters
+select. Judgments are never edited or deleted, so "these judgments, all with id ≤ M" is a
+reproducible dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.models import Completion, Judgment, Project, Prompt, Task, User
+from app.services import snapshots
 
 _CHUNK = 1000
 
@@ -89,10 +91,24 @@ def _group(
     }
 
 
+def snapshot_judgments(session: Session, snapshot_id: int) -> tuple[int, int, frozenset[int]]:
+    """(project id, cut-off, judgment ids) of a snapshot: exactly the judgments its exports
+    read (its filters applied), so a model trained on it saw what a researcher downloads."""
+    snapshot = snapshots.get(session, snapshot_id)
+    rows = snapshots.rows(session, snapshot_id, shape="raw")
+    ids = frozenset(int(row["judgment_id"]) for row in rows)
+    return snapshot.project_id, snapshot.max_judgment_id, ids
+
+
 def preference_groups(
-    session: Session, project_id: int, *, max_judgment_id: int | None = None
+    session: Session,
+    project_id: int,
+    *,
+    max_judgment_id: int | None = None,
+    judgment_ids: Collection[int] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Every judgment of the project up to `max_judgment_id`, oldest first, as group rows.
+    """Every judgment of the project up to `max_judgment_id` (and among `judgment_ids`, when
+    given: a snapshot's), oldest first, as group rows.
 
     Read in chunks of judgments so a large project does not load every completion at once.
     Judgments whose ranking puts all candidates in one tie group are kept (a tie is
@@ -119,6 +135,8 @@ def preference_groups(
         wanted = [int(c) for _, task, _, _ in rows for c in task.completion_ids]
         completions = _completions(session, wanted)
         for judgment, task, prompt, username in rows:
+            if judgment_ids is not None and judgment.id not in judgment_ids:
+                continue
             group = _group(judgment, task, prompt, username, completions)
             if group is not None:
                 yield group
