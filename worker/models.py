@@ -14,9 +14,13 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,6 +192,64 @@ def check_backbone(
         )
 
 
+HEAD_PREFIXES = ("score.", "classifier.", "pre_classifier.")
+"""Parameter names of the classification head a base model gets when it becomes a reward
+model (Llama-style `score`, BERT-style `classifier`, DistilBERT's `pre_classifier`)."""
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _report_rows(message: str) -> list[tuple[str, str]]:
+    """(key, status) rows of transformers' LOAD REPORT table; [] when it cannot be read."""
+    rows: list[tuple[str, str]] = []
+    in_table = False
+    for line in _ANSI.sub("", message).splitlines():
+        if not in_table:
+            in_table = bool(line.strip()) and set(line.strip()) <= {"-", "+"}
+            continue
+        if not line.strip():
+            break
+        cells = [cell.strip() for cell in line.split(" | ")]
+        if len(cells) < 2:
+            return []
+        rows.append((cells[0], cells[1]))
+    return rows
+
+
+def is_new_head_report(message: str) -> bool:
+    """Whether a log message is transformers' LOAD REPORT listing nothing but a freshly
+    initialised classification head: what every base model turned into a reward model gets.
+    A report with anything else in it (unexpected or mismatched weights, missing body
+    weights) is not."""
+    if "LOAD REPORT" not in message:
+        return False
+    rows = _report_rows(message)
+    return bool(rows) and all(
+        status == "MISSING" and key.startswith(HEAD_PREFIXES) for key, status in rows
+    )
+
+
+class _NewHeadReportFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_new_head_report(record.getMessage())
+
+
+@contextmanager
+def quiet_new_head_report() -> Iterator[None]:
+    """Drop transformers' load report while it only lists the new score head.
+
+    Loading a base checkpoint as a sequence classifier always reports the head as MISSING
+    ("newly initialized"): expected here, and a table printed into the progress bar. The
+    filter sits on the logger that emits the report, so every other warning still shows.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _NewHeadReportFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def load_reward_backbone(
     name_or_path: str | None,
     dtype: torch.dtype = torch.float32,
@@ -203,7 +265,8 @@ def load_reward_backbone(
     """
     path = backbone_path(name_or_path, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    with quiet_new_head_report():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     prepare_tokenizer(tokenizer, model)
     return model, tokenizer
 

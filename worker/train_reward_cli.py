@@ -31,12 +31,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
-import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +43,7 @@ if TYPE_CHECKING:
 # torch, transformers and accelerate are imported inside main(), after the command line has
 # been checked: a mistyped OUT_DIR fails in a second, not after loading a model.
 
-HEAD_PREFIXES = ("score.", "classifier.", "pre_classifier.")
-"""Parameter names of the classification head a base model gets when it becomes a reward
-model (Llama-style `score`, BERT-style `classifier`, DistilBERT's `pre_classifier`)."""
 HELD_OUT_KEYS = ("accuracy", "loss", "ece", "pairs")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def read_pairs(path: Path) -> list[dict[str, object]]:
@@ -105,58 +98,6 @@ def config_from_args(args: argparse.Namespace) -> RewardConfig:
         except json.JSONDecodeError:
             values[name] = raw
     return RewardConfig(**values)  # type: ignore[arg-type]
-
-
-def _report_rows(message: str) -> list[tuple[str, str]]:
-    """(key, status) rows of transformers' LOAD REPORT table; [] when it cannot be read."""
-    rows: list[tuple[str, str]] = []
-    in_table = False
-    for line in _ANSI.sub("", message).splitlines():
-        if not in_table:
-            in_table = bool(line.strip()) and set(line.strip()) <= {"-", "+"}
-            continue
-        if not line.strip():
-            break
-        cells = [cell.strip() for cell in line.split(" | ")]
-        if len(cells) < 2:
-            return []
-        rows.append((cells[0], cells[1]))
-    return rows
-
-
-def is_new_head_report(message: str) -> bool:
-    """Whether a log message is transformers' LOAD REPORT listing nothing but a freshly
-    initialised classification head: what every base model turned into a reward model gets.
-    A report with anything else in it (unexpected or mismatched weights, missing body
-    weights) is not."""
-    if "LOAD REPORT" not in message:
-        return False
-    rows = _report_rows(message)
-    return bool(rows) and all(
-        status == "MISSING" and key.startswith(HEAD_PREFIXES) for key, status in rows
-    )
-
-
-class _NewHeadReportFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not is_new_head_report(record.getMessage())
-
-
-@contextmanager
-def quiet_new_head_report() -> Iterator[None]:
-    """Drop transformers' load report while it only lists the new score head.
-
-    Loading a base checkpoint as a sequence classifier always reports the head as MISSING
-    ("newly initialized"): expected here, and a table printed into the progress bar. The
-    filter sits on the logger that emits the report, so every other warning still shows.
-    """
-    logger = logging.getLogger("transformers.modeling_utils")
-    quiet = _NewHeadReportFilter()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def _finite(value: Any) -> Any:
@@ -218,8 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     accelerator = Accelerator()
     groups = groups_from_export(read_pairs(args.pairs), margin_column=args.margin_column)
-    with quiet_new_head_report():
-        metrics = train_reward(config, groups, args.out_dir, accelerator=accelerator)
+    metrics = train_reward(config, groups, args.out_dir, accelerator=accelerator)
     if accelerator.is_main_process:
         print(json.dumps(summary(metrics, accelerator.num_processes), default=str))
     return 0
