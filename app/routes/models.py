@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from app.deps import Db, ExportUser
 from app.models import ModelKind
 from app.schemas import ModelOut, ScoreIn, ScoreOut
-from app.services import model_registry
+from app.services import model_registry, projects
 from app.web import render
 
 router = APIRouter(tags=["models"])
@@ -22,7 +22,10 @@ router = APIRouter(tags=["models"])
 def list_models(
     db: Db, user: ExportUser, project_id: int | None = None, kind: ModelKind | None = None
 ) -> list[ModelOut]:
-    """Every model version, newest first, with its lineage and metrics."""
+    """Every model version, newest first, with its lineage and metrics (404 for an unknown
+    `project_id`, as every project-scoped list)."""
+    if project_id is not None:
+        projects.get(db, project_id)
     rows = model_registry.list_models(db, project_id=project_id, kind=kind)
     return [ModelOut.model_validate(m) for m in rows]
 
