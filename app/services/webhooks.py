@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import InvalidInput, NotFound
@@ -139,9 +139,23 @@ def register(
         "events": clean_events,
         "active": True,
     }
-    project.settings = {**(project.settings or {}), SETTING: [*hooks(project), hook]}
+    settings = {**(project.settings or {}), SETTING: [*hooks(project), hook]}
+    if JUDGMENT_CREATED in clean_events and not _judgments_watched(project):
+        # The cursor only moves while someone listens: start it at the newest judgment, so
+        # a new receiver gets the judgments made from now on, not the project's history.
+        from app.models import Judgment
+
+        newest = session.scalar(
+            select(func.max(Judgment.id)).where(Judgment.project_id == project_id)
+        )
+        settings[JUDGMENT_CURSOR] = int(newest or 0)
+    project.settings = settings
     session.flush()
     return public(hook), secret
+
+
+def _judgments_watched(project: Project) -> bool:
+    return any(h.get("active", True) and JUDGMENT_CREATED in h["events"] for h in hooks(project))
 
 
 def list_public(session: Session, project_id: int) -> list[dict[str, Any]]:
@@ -232,9 +246,7 @@ def emit_new_judgments(session: Session, *, now: datetime | None = None) -> int:
 
     batched = 0
     for project in session.scalars(select(Project).with_for_update(skip_locked=True)):
-        if not any(
-            h.get("active", True) and JUDGMENT_CREATED in h["events"] for h in hooks(project)
-        ):
+        if not _judgments_watched(project):
             continue
         cursor = int((project.settings or {}).get(JUDGMENT_CURSOR, 0))
         ids = list(
