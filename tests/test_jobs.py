@@ -696,3 +696,20 @@ def test_starting_a_second_reward_job_from_the_page_shows_the_conflict(client, d
         f"/projects/{project.id}/jobs", data={"csrf_token": csrf}, follow_redirects=False
     )
     assert resp.status_code == 409 and "already has an active reward job" in resp.text
+
+
+def test_project_jobs_list_training_jobs_and_deliveries_apart(client, db: Session) -> None:  # type: ignore[no-untyped-def]
+    from app.services import webhooks
+
+    admin = make_token(db, make_user(db, Role.admin))
+    project = make_project(db)
+    webhooks.register(db, project.id, "https://example.test/s", ["snapshot.created"])
+    delivery = webhooks.emit(db, project.id, "snapshot.created", {"snapshot_id": 1})[0]
+    url = f"/api/v1/projects/{project.id}/jobs"
+    reward = client.post(url, json={"kind": "reward"}, headers=admin).json()
+    assert [j["id"] for j in client.get(url, headers=admin).json()] == [reward["id"]]
+    deliveries = client.get(f"{url}?kind=webhook", headers=admin).json()
+    assert [j["id"] for j in deliveries] == [delivery.id]
+    assert client.get(f"{url}?kind=sing", headers=admin).status_code == 422
+    page = client.get(f"/projects/{project.id}/jobs", headers=admin).text
+    assert f"/jobs/{reward['id']}" in page and f'/jobs/{delivery.id}"' not in page

@@ -33,8 +33,14 @@ def create_job(project_id: int, body: JobCreate, db: Db, user: AdminUser) -> Job
 
 
 @router.get("/api/v1/projects/{project_id}/jobs", response_model=list[JobOut])
-def project_jobs(project_id: int, db: Db, user: ExportUser) -> list[JobOut]:
-    return [JobOut.model_validate(j) for j in jobs.list_for_project(db, project_id)]
+def project_jobs(
+    project_id: int, db: Db, user: ExportUser, kind: str | None = None
+) -> list[JobOut]:
+    """The project's training jobs, newest first; `?kind=` one kind (`webhook`: deliveries)."""
+    if kind is not None and kind not in jobs.KINDS:
+        raise InvalidInput(f"unknown job kind {kind!r}; expected one of {', '.join(jobs.KINDS)}")
+    kinds = jobs.TRAINING_KINDS if kind is None else (kind,)
+    return [JobOut.model_validate(j) for j in jobs.list_for_project(db, project_id, kinds=kinds)]
 
 
 @router.get("/api/v1/jobs/{job_id}", response_model=JobOut)

@@ -88,13 +88,20 @@ def get(session: Session, job_id: int) -> Job:
     return job
 
 
-def list_for_project(session: Session, project_id: int, *, limit: int = 100) -> list[Job]:
-    """Newest first; the project must exist so a typo is a 404, not an empty list."""
+def list_for_project(
+    session: Session,
+    project_id: int,
+    *,
+    limit: int = 100,
+    kinds: Sequence[str] = TRAINING_KINDS,
+) -> list[Job]:
+    """Newest first; the project must exist so a typo is a 404, not an empty list. Training
+    jobs by default: webhook deliveries are queue plumbing (`kinds=(WEBHOOK,)` lists them)."""
     if session.get(Project, project_id) is None:
         raise NotFound(f"no project {project_id}")
     stmt = (
         select(Job)
-        .where(Job.project_id == project_id)
+        .where(Job.project_id == project_id, Job.kind.in_(list(kinds)))
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit)
     )
