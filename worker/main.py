@@ -269,9 +269,13 @@ def _progress_bar() -> tuple[Callable[[dict[str, Any]], None], Callable[[], None
         TimeRemainingColumn(),
     )
     task = bar.add_task("reward", total=None, loss="-")
-    bar.start()
+    started = False
 
     def update(progress: dict[str, Any]) -> None:
+        nonlocal started
+        if not started:  # drawn from the first progress on, so a worker that finds nothing
+            bar.start()  # to do (or loses the claim) leaves no empty bar behind
+            started = True
         fields: dict[str, Any] = {"description": str(progress.get("stage", "reward"))}
         if progress.get("total_steps"):
             fields["total"] = progress["total_steps"]
@@ -281,7 +285,11 @@ def _progress_bar() -> tuple[Callable[[dict[str, Any]], None], Callable[[], None
             fields["loss"] = f"{progress['loss']:.4f}"
         bar.update(task, **fields)
 
-    return update, bar.stop
+    def close() -> None:
+        if started:
+            bar.stop()
+
+    return update, close
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

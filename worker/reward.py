@@ -787,10 +787,10 @@ def train_reward(
         curve_losses = [(at, torch.tensor(value)) for at, value in resumed.curve]
         pairs_seen, completions_seen, tokens_seen, padded_seen = resumed.counts
         train_time, train_cpu = resumed.train_time, resumed.train_cpu
-    bar = tqdm(
+    bar = tqdm(  # for direct calls in a terminal; a job reports through on_progress instead
         total=total_steps,
         initial=step,
-        disable=not (is_main and sys.stderr.isatty()),
+        disable=on_progress is not None or not (is_main and sys.stderr.isatty()),
         desc="reward",
     )
     for epoch in range(first_epoch, config.epochs):
