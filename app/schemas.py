@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
@@ -221,9 +221,24 @@ class ModelOut(BaseModel):
     created_at: datetime
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
 class ScoreIn(BaseModel):
-    prompt: str = Field(max_length=100_000)
+    """A prompt as text, or as chat messages (rendered as the trainer renders chat prompts:
+    one `role: content` line per message), and the completions to score."""
+
+    prompt: str | Annotated[list[ChatMessage], Field(min_length=1)] = Field(max_length=100_000)
     completions: list[str] = Field(min_length=1, max_length=64)
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return "\n".join(f"{m.role}: {m.content}" for m in self.prompt)
 
 
 class ScoreOut(BaseModel):

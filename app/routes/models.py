@@ -59,7 +59,7 @@ def download_model(model_id: int, db: Db, user: ExportUser) -> StreamingResponse
 )
 def score(model_id: int, body: ScoreIn, db: Db, user: ExportUser) -> ScoreOut:
     """One reward per completion, in the order sent (reward models only)."""
-    return ScoreOut(scores=model_registry.score(db, model_id, body.prompt, body.completions))
+    return ScoreOut(scores=model_registry.score(db, model_id, body.prompt_text(), body.completions))
 
 
 @router.get("/models", include_in_schema=False)
