@@ -1,6 +1,8 @@
 """The model registry API and page, scoring errors, the score subprocess, and the CLI.
 
-The happy path of scoring with a trained model is in tests/test_worker.py (it needs one).
+The happy path of scoring with a trained model is in tests/test_worker.py (it needs one); the
+long-lived scorer process (reuse, errors, restarts, timeouts, threads) is in
+tests/test_scoring.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from app.db import transaction
 from app.models import Job, ModelKind, ModelVersion, Role
 from app.services import model_registry
 from app.settings import Settings
-from tests.factories import make_project, make_token, make_user
+from tests.factories import login, make_project, make_token, make_user
 
 METRICS = {
     "eval": {
@@ -149,32 +151,6 @@ def test_score_errors(client, db: Session, tmp_path: Path, monkeypatch: pytest.M
     assert "pip install 'prefloop[worker]'" in missing.json()["detail"]
 
 
-def test_score_subprocess_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The web side maps the scorer's exit status; no torch is loaded in this test."""
-
-    def fake_run(code: int, stdout: str = "", stderr: str = ""):  # type: ignore[no-untyped-def]
-        return lambda *a, **k: subprocess.CompletedProcess(a, code, stdout, stderr)
-
-    monkeypatch.setattr(model_registry, "_worker_extra_installed", lambda: True)
-    monkeypatch.setattr(subprocess, "run", fake_run(3, stderr="No module named 'torch'"))
-    with pytest.raises(model_registry.ScoringUnavailable, match="worker extra"):
-        model_registry.score_dir(tmp_path, "p", ["a"])
-    monkeypatch.setattr(subprocess, "run", fake_run(0, stdout='{"scores": [0.5, -1]}'))
-    assert model_registry.score_dir(tmp_path, "p", ["a", "b"]) == [0.5, -1.0]
-    with pytest.raises(model_registry.ScoringUnavailable, match="wrong number"):
-        model_registry.score_dir(tmp_path, "p", ["a"])
-    monkeypatch.setattr(subprocess, "run", fake_run(0, stdout="not json"))
-    with pytest.raises(model_registry.ScoringUnavailable, match="not a score list"):
-        model_registry.score_dir(tmp_path, "p", ["a"])
-
-    def slow(*a: object, **k: object) -> None:
-        raise subprocess.TimeoutExpired(cmd="score", timeout=1)
-
-    monkeypatch.setattr(subprocess, "run", slow)
-    with pytest.raises(model_registry.ScoringUnavailable, match="longer than 1 s"):
-        model_registry.score_dir(tmp_path, "p", ["a"], timeout_s=1)
-
-
 def test_score_cli_rejects_bad_requests(tmp_path: Path) -> None:
     def call(args: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -191,6 +167,8 @@ def test_score_cli_rejects_bad_requests(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "'prompt' must be a string" in bad.stderr
     nodir = call([str(tmp_path / "nope")], json.dumps({"prompt": "p", "completions": ["a"]}))
     assert nodir.returncode == 2 and "no model directory" in nodir.stderr
+    both = call([str(tmp_path), "--serve"], "")
+    assert both.returncode == 2 and "usage" in both.stderr
 
 
 def test_models_page_plots_the_training_curve(client, db: Session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -286,3 +264,43 @@ def test_cli_score_reports_errors(cli_env: sessionmaker[Session], tmp_path: Path
         policy = add_model(session, fake_artifact(tmp_path), kind=ModelKind.policy)
     result = CliRunner().invoke(cli, ["score", str(policy.id), "--prompt", "hi", "-c", "a"])
     assert result.exit_code == 1 and "only reward models score" in result.output
+
+
+def test_models_page_shows_partner_snapshot_sources_and_epochs(  # type: ignore[no-untyped-def]
+    client, db: Session, tmp_path: Path
+) -> None:
+    project = make_project(db)
+    metrics = {
+        **METRICS,
+        "eval": {
+            "accuracy": 0.875,
+            "by_source_pair": {"policy:3 vs upload": {"accuracy": 0.75, "pairs": 8}},
+        },
+        "history": [{"epoch": 1, "accuracy": 0.625}, {"epoch": 2, "accuracy": 0.875}],
+    }
+    main = model_registry.register(
+        db,
+        kind=ModelKind.reward,
+        artifact_path=fake_artifact(tmp_path, "m"),
+        project_id=project.id,
+        metrics=metrics,
+    )
+    partner = model_registry.register(
+        db,
+        kind=ModelKind.reward,
+        artifact_path=fake_artifact(tmp_path, "h"),
+        project_id=project.id,
+        config={"role": "heldout", "pair_of": main.id},
+        metrics=metrics,
+    )
+    login(client, make_user(db, Role.researcher).username)
+    page = client.get("/models").text
+    row = page.split(f'id="model-{partner.id}"', 1)[1].split("</tr>", 1)[0]
+    assert f"held-out partner of #{main.id}" in row
+    main_row = page.split(f'id="model-{main.id}"', 1)[1].split("</tr>", 1)[0]
+    assert "held-out partner" not in main_row
+    assert "policy:3 vs upload 0.75 (8)" in main_row
+    assert "1: 0.625, 2: 0.875" in main_row
+
+    admin = make_token(db, make_user(db, Role.admin))
+    assert client.get("/api/v1/models?project_id=987654", headers=admin).status_code == 404

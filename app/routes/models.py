@@ -59,7 +59,12 @@ def download_model(model_id: int, db: Db, user: ExportUser) -> StreamingResponse
 )
 def score(model_id: int, body: ScoreIn, db: Db, user: ExportUser) -> ScoreOut:
     """One reward per completion, in the order sent (reward models only)."""
-    return ScoreOut(scores=model_registry.score(db, model_id, body.prompt_text(), body.completions))
+    directory = model_registry.scorable_dir(db, model_id)
+    # End the transaction before the model runs (its first load takes seconds): on SQLite an
+    # open transaction holds the write lock and labeling would wait for it.
+    db.commit()
+    prompt = body.prompt_text()
+    return ScoreOut(scores=model_registry.score_dir(directory, prompt, body.completions))
 
 
 @router.get("/models", include_in_schema=False)
