@@ -735,3 +735,14 @@ def test_the_app_gives_every_in_flight_request_a_thread(client):
         lambda: anyio.to_thread.current_default_thread_limiter().total_tokens
     )
     assert tokens >= REQUEST_THREADS >= 200
+
+
+@pytest.mark.parametrize(("lease_seconds", "beat"), [(300, 60), (120, 40), (10, 3), (2, 1)])
+def test_the_label_page_beats_at_least_three_times_per_lease(client, db, lease_seconds, beat):
+    """The page's heartbeat interval: the configured 60 s, but a third of a shorter lease, so
+    the lease of an annotator who has the page open never runs out."""
+    project = make_project(db, lease_seconds=lease_seconds)
+    make_task(db, project, make_prompt(db, project, ["a", "b"]))
+    login(client, make_user(db).username)
+    html = client.get(f"/label/{project.id}").text
+    assert f'data-heartbeat-s="{beat}"' in html

@@ -356,7 +356,7 @@ def test_projects_page_lists_projects_with_counts_and_the_create_form(
     assert page.status_code == 200
     assert f'href="/projects/{project.id}"' in page.text
     assert "&lt;b&gt;bold&lt;/b&gt; project" in page.text and "<b>bold</b>" not in page.text
-    assert 'action="/projects"' in page.text and 'name="csrf_token"' in page.text
+    assert 'action="/projects#create"' in page.text and 'name="csrf_token"' in page.text
 
 
 def test_researchers_see_projects_but_cannot_create(client: TestClient, db: Session) -> None:
@@ -364,7 +364,7 @@ def test_researchers_see_projects_but_cannot_create(client: TestClient, db: Sess
     csrf = login(client, make_user(db, Role.researcher).username)
     page = client.get("/projects")
     assert page.status_code == 200 and project.name in page.text
-    assert 'action="/projects"' not in page.text
+    assert 'action="/projects#create"' not in page.text
     resp = client.post("/projects", data={"name": "sneaky", "csrf_token": csrf})
     assert resp.status_code == 403
     assert project_count(db) == 1
@@ -453,7 +453,7 @@ def test_project_page_for_admins(client: TestClient, db: Session) -> None:
     assert "<tr><td>busy-bee</td><td>1</td></tr>" in text
     assert f'href="/projects/{project.id}/export"' in text
     assert f'href="/label/{project.id}"' in text
-    assert f'action="/projects/{project.id}/prompts/upload"' in text
+    assert f'action="/projects/{project.id}/prompts/upload#upload"' in text
     assert 'enctype="multipart/form-data"' in text
 
 
@@ -600,7 +600,7 @@ def test_settings_form_saves_and_rerenders_errors(client: TestClient, db: Sessio
     project = make_project(db, name="form-project")
     csrf = login(client, make_user(db, Role.admin).username)
     page = client.get(f"/projects/{project.id}").text
-    assert f'action="/projects/{project.id}/settings"' in page
+    assert f'action="/projects/{project.id}/settings#settings"' in page
     fields = {
         "name": "renamed",
         "instructions": "Be <kind>.",
@@ -632,6 +632,11 @@ def test_settings_form_saves_and_rerenders_errors(client: TestClient, db: Sessio
     assert 'value="again"' in resp.text and 'value="lots"' in resp.text
     db.refresh(project)
     assert project.name == "renamed"
+    short = client.post(
+        f"/projects/{project.id}/settings",
+        data={**fields, "lease_seconds": "5", "csrf_token": csrf},
+    )
+    assert short.status_code == 422 and "Lease (seconds) must be from 10 to 86400" in short.text
     assert client.post(f"/projects/{project.id}/settings", data=fields).status_code == 403
 
 

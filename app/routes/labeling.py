@@ -30,6 +30,7 @@ from app.errors import InvalidInput
 from app.models import User, utcnow
 from app.schemas import CandidateView, JudgmentIn, JudgmentOut, LeaseOut, PromptView, TaskOut
 from app.services import judgments, tasks
+from app.settings import Settings
 from app.web import render
 
 router = APIRouter(tags=["labeling"])
@@ -110,6 +111,12 @@ def _is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
 
 
+def heartbeat_every(settings: Settings, lease_seconds: int) -> int:
+    """Seconds between the label page's heartbeats: the configured interval, but at least
+    three beats per lease, so a short lease (10 s) does not run out under an open page."""
+    return max(1, min(settings.heartbeat_interval_s, lease_seconds // 3))
+
+
 def _render_label_page(request: Request, page: tasks.LabelPage, settings: SettingsDep) -> Response:
     """The task (or "all done") page; only its content block when label.js swaps it in."""
     if page.claim is None:
@@ -123,7 +130,7 @@ def _render_label_page(request: Request, page: tasks.LabelPage, settings: Settin
             "labels": LABELS,
             "client_key": secrets.token_urlsafe(18),
             "time_started": int(time.time() * 1000),
-            "heartbeat_s": settings.heartbeat_interval_s,
+            "heartbeat_s": heartbeat_every(settings, page.claim.project.lease_seconds),
         },
         block="content",
     )

@@ -137,7 +137,9 @@ def create_project_form(
             created_by=user.id,
         )
     except (InvalidInput, Conflict) as exc:
-        return _render_list(request, db, form=form, error=exc.message, status_code=exc.status)
+        return _render_list(
+            request, db, form=form, error=_in_words(exc.message), status_code=exc.status
+        )
     return RedirectResponse(f"/projects/{project.id}", status_code=303)
 
 
@@ -192,7 +194,7 @@ def settings_form(
             db,
             project_id,
             settings_form=form,
-            settings_error=exc.message,
+            settings_error=_in_words(exc.message),
             status_code=exc.status,
         )
     request.session[SETTINGS_FLASH_KEY] = project_id
@@ -255,6 +257,24 @@ def _form_int(value: str, label: str, default: int | None = None) -> Any:
         return int(value)
     except ValueError:
         raise InvalidInput(f"{label} must be a whole number, not {value!r}") from None
+
+
+_FIELD_WORDS = {
+    "judgments_per_task": "Judgments per task",
+    "candidates_per_task": "Candidates per task",
+    "lease_seconds": "Lease (seconds)",
+    "gold_rate": "Gold rate",
+    "name": "Name",
+    "instructions": "Instructions",
+}
+
+
+def _in_words(message: str) -> str:
+    """A service message for a form: the field's label instead of its API name."""
+    for field, label in _FIELD_WORDS.items():
+        if message.startswith(field + " "):
+            return label + message[len(field) :]
+    return message
 
 
 def _form_float(value: str, label: str, default: float) -> Any:
