@@ -48,6 +48,23 @@ def test_wrong_password_and_unknown_user_get_the_same_answer(client, db):
     assert client.get("/api/v1/me").status_code == 401
 
 
+def test_a_paused_user_is_told_only_after_the_right_password(client, db):
+    user = make_user(db)
+    user.active = False
+    db.flush()
+    page = client.get("/login")
+    csrf = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    wrong = client.post(
+        "/login", data={"username": user.username, "password": "nope-nope", "csrf_token": csrf}
+    )
+    assert wrong.status_code == 401 and "wrong username or password" in wrong.text
+    right = client.post(
+        "/login", data={"username": user.username, "password": PASSWORD, "csrf_token": csrf}
+    )
+    assert right.status_code == 401 and "this account is paused" in right.text
+    assert client.get("/api/v1/me").status_code == 401
+
+
 def test_login_form_without_csrf_token_is_refused(client, db):
     user = make_user(db)
     client.get("/login")

@@ -86,16 +86,20 @@ def get_by_name(session: Session, username: str) -> User:
 
 
 def authenticate(session: Session, username: str, password: str) -> User:
-    """Check a password; the same error for an unknown user and a wrong password."""
+    """Check a password; the same error for an unknown user and a wrong password. A paused
+    account is told so, but only once its password was right (so the message reveals nothing
+    to someone guessing)."""
     user = session.scalar(select(User).where(User.username == username))
     bad = NotAuthenticated("wrong username or password")
-    if user is None or not user.active or not user.password_hash:
+    if user is None or not user.password_hash:
         _hasher.hash(password)  # spend the same time as a real check
         raise bad
     try:
         _hasher.verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
         raise bad from None
+    if not user.active:
+        raise NotAuthenticated("this account is paused; ask an admin to resume it")
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)
     return user
