@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, transaction
 from app.main import create_app
-from app.models import Judgment, Lease, Project, ProjectMode, Role, Task, utcnow
+from app.models import Judgment, Lease, Project, ProjectMode, Role, Task, TaskState, utcnow
 from tests.conftest import migrated_settings
 from tests.factories import PASSWORD, make_project, make_prompt, make_task, make_user
 from tests.live_server import serve
@@ -104,6 +104,24 @@ def shown(page: Any) -> list[tuple[str, str, str]]:
     )
 
 
+def ranks(page: Any) -> list[tuple[str, str]]:
+    """(label, rank or "" while unranked) of each item, top to bottom."""
+    return [(label, value.partition(":")[2]) for label, _, value in shown(page)]
+
+
+def tied(page: Any) -> list[str]:
+    """Labels of the items marked "= tied with the one above" (the marker is visible)."""
+    return page.eval_on_selector_all(
+        "#ranking-list .rank-item .tie-mark",
+        "marks => marks.filter(m => m.checkVisibility())"
+        ".map(m => m.closest('.rank-item').querySelector('.item-label').textContent)",
+    )
+
+
+def focused(page: Any) -> str:
+    return page.evaluate("document.activeElement.id")
+
+
 def ids_by_label(page: Any) -> dict[str, int]:
     return {label: int(cid) for label, cid, _ in shown(page)}
 
@@ -183,7 +201,9 @@ def test_enter_with_unranked_items_submits_nothing(env: Env):
     page.keyboard.press("ArrowDown")
     page.keyboard.press("1")
     page.keyboard.press("Enter")
-    assert "Give every answer a rank" in page.inner_text("#lease-notice")
+    assert page.inner_text("#rank-notice") == (
+        "Give every answer a rank first (equal ranks are ties); B, C have none yet."
+    )
     assert page.evaluate("document.activeElement.id") == "item-B"  # the first unranked
     assert judgments_of(env, project.id) == []
     page.context.close()
@@ -196,13 +216,9 @@ def test_rank_three_by_drag_and_drop(env: Env):
     ids = ids_by_label(page)
     top_edge = {"x": 40, "y": 4}
     page.locator("#item-C").drag_to(page.locator("#item-A"), target_position=top_edge)
-    assert [(lbl, v.split(":")[1]) for lbl, _, v in shown(page)] == [
-        ("C", "1"),
-        ("A", "2"),
-        ("B", "3"),
-    ]
+    assert ranks(page) == [("C", "1"), ("A", ""), ("B", "")]  # only the dragged one is ranked
     page.locator("#item-B").drag_to(page.locator("#item-A"), target_position=top_edge)
-    assert [lbl for lbl, _, _ in shown(page)] == ["C", "B", "A"]
+    assert ranks(page) == [("C", "1"), ("B", "2"), ("A", "")]  # below the ranked ones
     page.locator("#item-A").focus()
     page.keyboard.press("t")  # and a tie by keyboard after dragging
     task_id = page.input_value("input[name=task_id]")
@@ -213,6 +229,199 @@ def test_rank_three_by_drag_and_drop(env: Env):
     (row,) = judgments_of(env, project.id)
     assert row.ranking == [[ids["C"]], sorted([ids["B"], ids["A"]])]
     page.context.close()
+
+
+def test_t_ties_with_the_one_above_keeps_it_below_and_again_unties(env: Env):
+    project = env.seed(lambda s: ranking_project(s, k=4))
+    page = env.page(env.seed(annotator))
+    page.goto(f"{env.base}/label/{project.id}")
+    ids = ids_by_label(page)
+    for key in ("ArrowDown", "ArrowDown", "1", "ArrowDown", "2"):  # B = 1, then A = 2
+        page.keyboard.press(key)
+    assert ranks(page) == [("B", "1"), ("A", "2"), ("C", ""), ("D", "")]
+    page.keyboard.press("t")  # A ties with B and stays below it, marked as the tied one
+    assert ranks(page) == [("B", "1"), ("A", "1"), ("C", ""), ("D", "")]
+    assert tied(page) == ["A"] and focused(page) == "item-A"
+    page.keyboard.press("t")  # again: A unties, back to its own rank right below B
+    assert ranks(page) == [("B", "1"), ("A", "2"), ("C", ""), ("D", "")]
+    assert tied(page) == [] and focused(page) == "item-A"
+
+    page.keyboard.press("ArrowDown")  # C, unranked: t ranks it with A, the one above
+    page.keyboard.press("t")
+    assert ranks(page) == [("B", "1"), ("A", "2"), ("C", "2"), ("D", "")]
+    assert tied(page) == ["C"]
+    page.keyboard.press("t")  # C unties (it used to be tied to another answer instead)
+    assert ranks(page) == [("B", "1"), ("A", "2"), ("C", "3"), ("D", "")]
+    page.keyboard.press("t")
+    assert tied(page) == ["C"]
+
+    page.keyboard.press("ArrowDown")  # D: the one above it is C, so t ties D with C
+    page.keyboard.press("t")
+    assert ranks(page) == [("B", "1"), ("A", "2"), ("C", "2"), ("D", "2")]
+    assert tied(page) == ["C", "D"]
+    page.keyboard.press("ArrowUp")  # C, in the middle of the tie, leaves it for below it
+    page.keyboard.press("t")
+    assert ranks(page) == [("B", "1"), ("A", "2"), ("D", "2"), ("C", "3")]
+    assert tied(page) == ["D"] and focused(page) == "item-C"
+
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")  # B, at the top: nothing to tie with
+    page.keyboard.press("t")
+    assert ranks(page) == [("B", "1"), ("A", "2"), ("D", "2"), ("C", "3")]
+    assert page.inner_text("#rank-notice") == "The top answer has nothing above it to tie with."
+    submit_and_wait(page)
+    (row,) = judgments_of(env, project.id)
+    assert row.ranking == [[ids["B"]], sorted([ids["A"], ids["D"]]), [ids["C"]]]
+    page.context.close()
+
+
+def test_only_answers_the_annotator_touched_get_a_rank(env: Env):
+    project = env.seed(lambda s: ranking_project(s, k=4, n_tasks=2))
+    page = env.page(env.seed(annotator), viewport={"width": 1280, "height": 900})
+    page.goto(f"{env.base}/label/{project.id}")
+    for key in ("ArrowDown", "ArrowDown", "1", "ArrowDown", "2", "t"):  # B = 1, A = 2, tie
+        page.keyboard.press(key)
+    assert ranks(page) == [("B", "1"), ("A", "1"), ("C", ""), ("D", "")]
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("t")  # D cannot tie with C, which has no rank
+    assert ranks(page) == [("B", "1"), ("A", "1"), ("C", ""), ("D", "")]
+    assert page.inner_text("#rank-notice") == "Give answer C a rank first; T then ties D with it."
+    page.keyboard.press("Enter")  # refused: C and D were never ranked
+    assert page.inner_text("#rank-notice") == (
+        "Give every answer a rank first (equal ranks are ties); C, D have none yet."
+    )
+    assert page.locator(".rank-item.missing").evaluate_all("items => items.map(li => li.id)") == [
+        "item-C",
+        "item-D",
+    ]
+    assert focused(page) == "item-C"
+    assert judgments_of(env, project.id) == []
+    page.keyboard.press("3")  # C = 3: the notice and C's mark follow what is left
+    assert page.inner_text("#rank-notice").endswith("D has none yet.")
+    assert page.locator(".rank-item.missing").count() == 1
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("t")  # D ties with C
+    assert page.inner_text("#rank-notice") == ""
+    assert page.locator(".rank-item.missing").count() == 0
+    ids = ids_by_label(page)
+    submit_and_wait(page)
+    (row,) = judgments_of(env, project.id)
+    assert row.ranking == [sorted([ids["B"], ids["A"]]), sorted([ids["C"], ids["D"]])]
+
+    # The second task: a drag ranks the dragged answer only, where it was dropped.
+    ids = ids_by_label(page)
+    top_edge = {"x": 40, "y": 4}
+    page.locator("#item-D").drag_to(page.locator("#item-A"), target_position=top_edge)
+    assert ranks(page) == [("D", "1"), ("A", ""), ("B", ""), ("C", "")]
+    page.locator("#item-C").focus()
+    page.keyboard.press("Shift+ArrowUp")  # an unranked answer moved joins the ranking's bottom
+    assert ranks(page) == [("D", "1"), ("C", "2"), ("A", ""), ("B", "")]
+    page.keyboard.press("Alt+ArrowUp")  # and moves on from there
+    assert ranks(page) == [("C", "1"), ("D", "2"), ("A", ""), ("B", "")]
+    page.keyboard.press("Alt+ArrowDown")
+    page.keyboard.press("Alt+ArrowDown")  # the bottom of the ranking: it stays above the unranked
+    assert ranks(page) == [("D", "1"), ("C", "2"), ("A", ""), ("B", "")]
+    page.locator("#item-B").drag_to(page.locator("#item-D"), target_position=top_edge)
+    assert ranks(page) == [("B", "1"), ("D", "2"), ("C", "3"), ("A", "")]
+    page.locator("#item-A").focus()
+    page.keyboard.press("Enter")  # refused: A has no rank
+    assert len(judgments_of(env, project.id)) == 1
+    page.keyboard.press("4")
+    submit_and_wait(page)
+    row = judgments_of(env, project.id)[-1]
+    assert row.ranking == [[ids["B"]], [ids["D"]], [ids["C"]], [ids["A"]]]
+    page.context.close()
+
+
+def in_view(page: Any, selector: str) -> bool:
+    return page.eval_on_selector(
+        selector,
+        "el => { const r = el.getBoundingClientRect();"
+        " return r.height > 0 && r.top >= 0 && r.bottom <= innerHeight; }",
+    )
+
+
+def test_a_refused_submit_is_said_where_the_annotator_looks(env: Env):
+    project = env.seed(lambda s: ranking_project(s, k=5))
+    page = env.page(env.seed(annotator), viewport={"width": 1280, "height": 900})
+    page.goto(f"{env.base}/label/{project.id}")
+    for key in ("ArrowDown", "1", "ArrowDown", "2", "ArrowDown", "3", "ArrowDown", "4"):
+        page.keyboard.press(key)  # A-D ranked, E not
+    page.click("button.primary")  # Submit, scrolled to by the click
+    assert focused(page) == "item-E"
+    assert page.inner_text("#item-E .need-rank") == "needs a rank"
+    assert in_view(page, "#item-E .need-rank") and in_view(page, "#rank-notice")
+    notice = page.locator("#rank-notice").bounding_box()
+    assert notice["y"] < page.locator("button.primary").bounding_box()["y"]  # above Submit
+    assert page.get_attribute("#rank-notice", "role") == "status"  # read out as well
+
+    page.locator("#item-A").focus()
+    page.keyboard.press("0")  # A loses its rank and joins E below the ranked answers
+    assert ranks(page) == [("B", "2"), ("C", "3"), ("D", "4"), ("A", ""), ("E", "")]
+    page.click("button.primary")
+    assert focused(page) == "item-A"
+    assert in_view(page, "#item-A .need-rank") and in_view(page, "#item-E .need-rank")
+    assert page.inner_text("#rank-notice").endswith("A, E have none yet.")
+    assert judgments_of(env, project.id) == []
+    page.context.close()
+
+
+def test_a_task_gone_meanwhile_says_so_in_sentences(env: Env):
+    project = env.seed(lambda s: ranking_project(s, k=3))
+    page = env.page(env.seed(annotator))
+    page.goto(f"{env.base}/label/{project.id}")
+    task_id = int(page.input_value("input[name=task_id]"))
+
+    def retire(s: Session) -> None:
+        s.get(Task, task_id).state = TaskState.retired
+
+    env.seed(retire)
+    for key in ("ArrowDown", "1", "ArrowDown", "2", "ArrowDown", "3", "Enter"):
+        page.keyboard.press(key)
+    page.wait_for_function("document.getElementById('lease-notice').textContent !== ''")
+    message = page.inner_text("#lease-notice")
+    assert message.startswith(f"Task {task_id} no longer needs a judgment")
+    assert message.endswith("please continue with the next task. Loading the next task…")
+    page.wait_for_selector("#all-done")
+    page.context.close()
+
+
+def visible_text(page: Any, selector: str) -> str:
+    return " ".join(page.inner_text(selector).split())
+
+
+def test_help_reads_well_on_a_phone_and_without_javascript(env: Env):
+    project = env.seed(lambda s: ranking_project(s, k=4))
+    user = env.seed(annotator)
+    plain = (
+        "Order the answers best first: pick each answer's rank (1 = best) from its menu."
+        " Every answer needs a rank; equal ranks are ties."
+    )
+
+    wide = env.page(user, viewport={"width": 1280, "height": 900})
+    wide.goto(f"{env.base}/label/{project.id}")
+    assert visible_text(wide, "#rank-help") == (
+        "Order the answers best first. Drag them, or focus one (↑/↓) and press its rank 1–4;"
+        ' Alt/Shift+↑/↓ moves it; T ties it with the one above (again unties); N toggles "none'
+        ' is acceptable". Every answer needs a rank; equal ranks are ties.'
+    )
+    assert wide.locator("label kbd:visible, .key-hint:visible").count() == 2  # N, Enter submits
+    wide.context.close()
+
+    phone = env.page(user, viewport={"width": 375, "height": 740})
+    phone.goto(f"{env.base}/label/{project.id}")
+    assert visible_text(phone, "#rank-help") == plain
+    assert phone.locator("kbd:visible, .key-hint:visible").count() == 0
+    assert phone.locator(".none-ok").inner_text().strip() == "None of these is acceptable"
+    phone.context.close()
+
+    no_js = env.page(user, java_script_enabled=False, viewport={"width": 1280, "height": 900})
+    no_js.goto(f"{env.base}/label/{project.id}")
+    assert visible_text(no_js, "#rank-help") == plain
+    assert no_js.locator("kbd:visible, .key-hint:visible").count() == 0
+    no_js.context.close()
 
 
 def lease_of(env: Env, project_id: int) -> Lease | None:

@@ -5,17 +5,26 @@
 //                  q / w / e  slightly / clearly / much better (again: not said) · Enter submits
 // Keys, ranking:   ↑ / ↓ focus the previous / next answer · 1-9 give the focused answer that rank
 //                  0 clears it · Alt (or Shift) + ↑ / ↓ move it · t tie it with the one above
-//                  (again: untie) · n none is acceptable · Enter submits
+//                  (again: untie) · n none is acceptable · Enter submits. Only answers the
+//                  annotator ranked or moved have a rank (see "ranking" below).
+// The script marks <html> with the class "js": label.css shows the shortcut hints only then.
 // Submitting posts with fetch; the server answers with the next task's HTML block in the same
 // response, which replaces #label-root without a page load.
 (() => {
   "use strict";
+  document.documentElement.classList.add("js");
   let state = null; // the task on screen: {form, mode, shownAt, submitting, timer, rank}
 
   const csrf = () => {
     const meta = document.querySelector('meta[name="csrf-token"]');
     return meta ? meta.content : "";
   };
+
+  // A server's detail ends without a full stop; give it one before another sentence follows.
+  function sentence(text) {
+    const t = String(text).trim();
+    return /[.!?…]$/.test(t) ? t : `${t}.`;
+  }
 
   function notify(message) {
     const notice = document.getElementById("lease-notice");
@@ -79,18 +88,33 @@
   }
 
   // --- ranking -------------------------------------------------------------------------------
+  //
+  // The state is each answer's rank (null until the annotator gives it one) and the screen
+  // order: ranked answers best first, the unranked ones below them in display order. Only what
+  // the annotator does to an answer gives it a rank, so "Give every answer a rank" still guards
+  // the submit:
+  //   1-9, the select   that rank; the answer goes last among those already at that rank (0: none)
+  //   t                 joins the tie of the answer directly above (which needs a rank) and stays
+  //                     below it; pressed again it leaves the tie for its own rank right below
+  //   Alt/Shift + ↑/↓   a ranked answer swaps with the group above / below, or steps out of its
+  //                     tie; an unranked answer joins the ranking at its bottom
+  //   drag              the dropped answer gets its own rank where it was dropped among the
+  //                     ranked answers (dropped on an unranked one: below all ranked ones)
+  // t, moves and drags renumber the ranks 1, 2, 3 … without gaps; typed ranks are kept as typed.
+
+  const rankOf = (select) => (select.value ? Number(select.value.split(":")[1]) : null);
 
   function setupRanking(st) {
     const list = st.form.querySelector("#ranking-list");
     const items = Array.from(list.querySelectorAll(".rank-item"));
-    const rank = new Map(); // completion id -> rank number, or null while unranked
+    const values = new Map(); // completion id -> rank number, or null while unranked
+    st.form.noValidate = true; // complete() checks the ranks and says which answers lack one
     items.forEach((li) => {
       const sel = li.querySelector("select");
       sel.tabIndex = -1; // keyboard focus lives on the item; the select is for the mouse
-      const value = sel.value ? Number(sel.value.split(":")[1]) : null;
-      rank.set(li.dataset.completionId, value);
+      values.set(li.dataset.completionId, rankOf(sel)); // a reload may restore the selects
       sel.addEventListener("change", () => {
-        rank.set(li.dataset.completionId, sel.value ? Number(sel.value.split(":")[1]) : null);
+        setRank(li.dataset.completionId, rankOf(sel));
         renderRanking(li);
       });
       li.addEventListener("dragstart", (e) => {
@@ -121,7 +145,15 @@
       if (target !== moved) placeNextTo(moved.dataset.completionId, target.dataset.completionId, dropBefore(target, e));
       renderRanking(moved);
     });
-    st.rank = { list, items, values: rank, k: items.length };
+    st.rank = {
+      list,
+      byId: new Map(items.map((li) => [li.dataset.completionId, li])),
+      values,
+      order: items.map((li) => li.dataset.completionId), // screen order, top first
+      k: items.length,
+      notice: st.form.querySelector("#rank-notice"),
+    };
+    sortOrder(null);
     renderRanking(null);
   }
 
@@ -134,23 +166,37 @@
     list.querySelectorAll(".drop-before, .drop-after").forEach((el) => el.classList.remove("drop-before", "drop-after"));
   }
 
-  // Items in screen order: by rank, unranked last, ties and unranked in display order.
-  function ordered() {
-    const { items, values } = state.rank;
-    const key = (li) => values.get(li.dataset.completionId) ?? Infinity;
-    return items.slice().sort((a, b) => key(a) - key(b) || a.dataset.index - b.dataset.index);
+  const labelOf = (id) => state.rank.byId.get(id).querySelector(".item-label").textContent;
+
+  // Sorts the screen order by rank, unranked last in display order. Answers at the same rank
+  // keep their order, except `joined` (just given its rank), which goes last among them.
+  function sortOrder(joined) {
+    const { order, values, byId, k } = state.rank;
+    const pos = new Map(order.map((id, i) => [id, i]));
+    const key = (id) => values.get(id) === null
+      ? [k + 1, Number(byId.get(id).dataset.index)]
+      : [values.get(id), id === joined ? order.length : pos.get(id)];
+    order.sort((a, b) => {
+      const [x, y] = [key(a), key(b)];
+      return x[0] - y[0] || x[1] - y[1];
+    });
   }
 
-  // Tie groups of completion ids, best first; unranked items first get ranks below the rest.
-  function groups() {
+  function setRank(id, rank) {
     const { values } = state.rank;
-    let top = Math.max(0, ...Array.from(values.values()).filter((v) => v !== null));
+    if (values.get(id) === rank) return;
+    values.set(id, rank);
+    sortOrder(id);
+  }
+
+  // Tie groups of the ranked answers' ids, best first, each in screen order.
+  function groups() {
+    const { order, values } = state.rank;
     const out = [];
     let last = null;
-    for (const li of ordered()) {
-      const id = li.dataset.completionId;
-      if (values.get(id) === null) values.set(id, ++top);
+    for (const id of order) {
       const r = values.get(id);
+      if (r === null) break; // the unranked follow the ranked
       if (r === last) out[out.length - 1].push(id);
       else out.push([id]);
       last = r;
@@ -158,19 +204,29 @@
     return out;
   }
 
+  // Ranks the answers in `gs` 1, 2, 3 … in that order; every other answer stays unranked.
   function setGroups(gs) {
     const { values } = state.rank;
-    gs.filter((g) => g.length).forEach((g, i) => g.forEach((id) => values.set(id, i + 1)));
+    const ranked = gs.filter((g) => g.length);
+    ranked.forEach((g, i) => g.forEach((id) => values.set(id, i + 1)));
+    const placed = new Set(ranked.flat());
+    state.rank.order = ranked.flat().concat(state.rank.order.filter((id) => !placed.has(id)));
   }
 
   function groupIndex(gs, id) {
     return gs.findIndex((g) => g.includes(id));
   }
 
+  function without(gs, id) {
+    return gs.map((g) => g.filter((x) => x !== id)).filter((g) => g.length);
+  }
+
   function moveItem(id, direction) {
     const gs = groups();
     const gi = groupIndex(gs, id);
-    if (gs[gi].length > 1) { // leaving a tie: become its own group just above / below it
+    if (gi < 0) { // unranked: it joins the ranking at the bottom
+      gs.push([id]);
+    } else if (gs[gi].length > 1) { // leaving a tie: its own group just above / below it
       gs[gi] = gs[gi].filter((x) => x !== id);
       gs.splice(direction < 0 ? gi : gi + 1, 0, [id]);
     } else {
@@ -182,44 +238,61 @@
   }
 
   function placeNextTo(id, targetId, before) {
-    const gs = groups().map((g) => g.filter((x) => x !== id)).filter((g) => g.length);
+    const gs = without(groups(), id);
     const ti = groupIndex(gs, targetId);
-    gs.splice(before ? ti : ti + 1, 0, [id]);
+    if (ti < 0) gs.push([id]); // dropped among the unranked: below the ranked ones
+    else gs.splice(before ? ti : ti + 1, 0, [id]);
     setGroups(gs);
   }
 
+  // Ties `id` with the answer directly above it, or unties it when it already is; returns why
+  // nothing changed, or "".
   function toggleTie(id) {
-    const order = ordered();
-    const pos = order.findIndex((li) => li.dataset.completionId === id);
-    if (pos <= 0) return;
-    const above = order[pos - 1].dataset.completionId;
-    const gs = groups();
+    const { order, values } = state.rank;
+    const pos = order.indexOf(id);
+    if (pos === 0) return "The top answer has nothing above it to tie with.";
+    const above = order[pos - 1];
+    if (values.get(above) === null) return `Give answer ${labelOf(above)} a rank first; T then ties ${labelOf(id)} with it.`;
+    let gs = groups();
     const gi = groupIndex(gs, id);
-    if (gs[gi].includes(above)) { // untie: own group right below the tie
+    if (gi >= 0 && gs[gi].includes(above)) { // untie: its own rank right below the tie
       gs[gi] = gs[gi].filter((x) => x !== id);
       gs.splice(gi + 1, 0, [id]);
-    } else {
-      gs[gi] = gs[gi].filter((x) => x !== id);
+    } else { // tie: last in the group of the one above, so it stays right below that one
+      gs = without(gs, id);
       gs[groupIndex(gs, above)].push(id);
     }
     setGroups(gs);
+    return "";
   }
 
-  function renderRanking(focusItem) {
-    const { list, values } = state.rank;
-    let previous;
-    ordered().forEach((li) => {
-      const id = li.dataset.completionId;
+  // Puts the items in screen order and shows their ranks, ties and (after a refused submit)
+  // which still need a rank; `why` is a note for the annotator, shown until the next change.
+  function renderRanking(focusItem, why = "") {
+    const { list, values, byId, order } = state.rank;
+    let previous = null;
+    order.forEach((id, i) => {
+      const li = byId.get(id);
       const r = values.get(id);
-      list.appendChild(li);
+      const tied = r !== null && r === previous;
+      if (list.children[i] !== li) list.insertBefore(li, list.children[i]);
       li.querySelector("select").value = r === null ? "" : `${id}:${r}`;
-      li.classList.toggle("tied", r !== null && r === previous);
+      li.classList.toggle("tied", tied);
       li.classList.toggle("unranked", r === null);
-      li.setAttribute("aria-label", `Answer ${li.querySelector(".item-label").textContent}, ` +
-        (r === null ? "no rank yet" : `rank ${r}`));
+      li.classList.toggle("missing", Boolean(state.rank.flagged) && r === null);
+      li.setAttribute("aria-label", `Answer ${labelOf(id)}, ` +
+        (r === null ? "no rank yet" : `rank ${r}${tied ? ", tied with the one above" : ""}`));
       previous = r;
     });
-    if (focusItem) focusItem.focus();
+    const missing = order.filter((id) => values.get(id) === null);
+    if (!missing.length) state.rank.flagged = false;
+    const message = why || (state.rank.flagged
+      ? `Give every answer a rank first (equal ranks are ties); ${missing.map(labelOf).join(", ")} ` +
+        `${missing.length === 1 ? "has" : "have"} none yet.`
+      : "");
+    const { notice } = state.rank;
+    if (notice && notice.textContent !== message) notice.textContent = message;
+    if (focusItem && document.activeElement !== focusItem) focusItem.focus();
   }
 
   function focusedItem() {
@@ -228,36 +301,35 @@
   }
 
   function rankingKey(event) {
-    const { values, k } = state.rank;
-    const order = ordered();
+    const { byId, k } = state.rank;
+    const order = state.rank.order;
     let li = focusedItem();
     const key = event.key;
     if (key === "ArrowUp" || key === "ArrowDown") {
       event.preventDefault();
       const step = key === "ArrowUp" ? -1 : 1;
-      if (!li) { order[0].focus(); return; }
+      if (!li) { byId.get(order[0]).focus(); return; }
       if (event.altKey || event.shiftKey) {
         moveItem(li.dataset.completionId, step);
         renderRanking(li);
       } else {
-        const pos = order.indexOf(li) + step;
-        if (pos >= 0 && pos < order.length) order[pos].focus();
+        const pos = order.indexOf(li.dataset.completionId) + step;
+        if (pos >= 0 && pos < order.length) byId.get(order[pos]).focus();
       }
       return;
     }
     if (event.altKey) return;
     if (/^[0-9]$/.test(key) && Number(key) <= k) {
       event.preventDefault();
-      li = li || order[0];
-      values.set(li.dataset.completionId, key === "0" ? null : Number(key));
+      li = li || byId.get(order[0]);
+      setRank(li.dataset.completionId, key === "0" ? null : Number(key));
       renderRanking(li);
       return;
     }
     if (key === "t" || key === "T") {
       if (!li) return;
       event.preventDefault();
-      toggleTie(li.dataset.completionId);
-      renderRanking(li);
+      renderRanking(li, toggleTie(li.dataset.completionId));
       return;
     }
     if (key === "n" || key === "N") {
@@ -270,10 +342,11 @@
 
   function complete() {
     if (state.mode === "ranking") {
-      const missing = ordered().find((li) => state.rank.values.get(li.dataset.completionId) === null);
-      if (missing) {
-        notify("Give every answer a rank first (equal ranks are ties).");
-        missing.focus();
+      const { order, values, byId } = state.rank;
+      const missing = order.find((id) => values.get(id) === null);
+      if (missing) { // mark every unranked answer, say so by the Submit button, go to the first
+        state.rank.flagged = true;
+        renderRanking(byId.get(missing));
         return false;
       }
       return true;
@@ -299,7 +372,8 @@
     let detail = `The server said ${resp.status}.`;
     try { detail = (await resp.json()).detail || detail; } catch (_err) { /* not JSON */ }
     if (resp.status === 409) {
-      notify(detail + " Loading the next task…");
+      const capital = detail.charAt(0).toUpperCase() + detail.slice(1);
+      notify(`${sentence(capital)} Loading the next task…`);
       setTimeout(loadNext, 1500);
       return;
     }
@@ -332,7 +406,7 @@
       await post(form.action, new FormData(form));
     } catch (err) {
       state.submitting = false;
-      notify(`Not saved: ${err.message || "the server could not be reached"}. Press Enter to try again.`);
+      notify(`Not saved: ${sentence(err.message || "the server could not be reached")} Press Enter to try again.`);
     }
   }
 
@@ -344,7 +418,7 @@
       await post(event.target.action, new FormData(event.target));
     } catch (err) {
       state.submitting = false;
-      notify(`Not skipped: ${err.message || "the server could not be reached"}.`);
+      notify(`Not skipped: ${sentence(err.message || "the server could not be reached")}`);
     }
   }
 
