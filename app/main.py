@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.db import make_engine, make_sessionmaker
@@ -35,16 +39,42 @@ from app.routes import (
     webhooks,
 )
 from app.settings import Settings
-from app.web import make_templates, render
+from app.web import browser_navigation, error_page, is_api, make_templates
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SESSION_COOKIE = "prefloop_session"
 
 
 def _wants_json(request: Request) -> bool:
-    return request.url.path.startswith("/api/") or "application/json" in request.headers.get(
-        "accept", ""
-    )
+    """JSON for API clients and for scripts that ask for it (label.js); a page for the rest,
+    and for a browser that opens an API address itself (the export page's filter form)."""
+    if is_api(request):
+        return not browser_navigation(request)
+    return "application/json" in request.headers.get("accept", "")
+
+
+def _login_target(request: Request) -> str:
+    """Where to come back to after logging in: the page the user is on. For htmx that is
+    the page in the address bar (``HX-Current-URL``), not the fragment it was refreshing;
+    only its path and query are kept, so it stays on this site."""
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    current = request.headers.get("hx-current-url")
+    if request.headers.get("hx-request") != "true" or not current:
+        return here
+    parts = urlsplit(current)
+    page = parts.path + (f"?{parts.query}" if parts.query else "")
+    if not page.startswith("/") or page.startswith("//") or "\\" in page:
+        return here
+    return page
+
+
+def _to_login(request: Request) -> Response:
+    """A 303 to the login page; for htmx a 401 with ``HX-Redirect``, so that htmx loads the
+    login page in place of the whole page rather than swapping it into a polled section."""
+    url = f"/login?next={quote(_login_target(request))}"
+    if request.headers.get("hx-request") == "true":
+        return Response(status_code=401, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
 
 
 async def _domain_error(request: Request, exc: Exception) -> Response:
@@ -55,18 +85,66 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
         body = {"error": exc.code, "detail": exc.message, **exc.details}
         return JSONResponse(body, status_code=exc.status)
     if isinstance(exc, NotAuthenticated):
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-    return render(
-        request,
-        "error.html",
-        {"status": exc.status, "message": exc.message, "details": exc.details},
-        status_code=exc.status,
-    )
+        return _to_login(request)
+    return error_page(request, exc.status, exc.message, details=exc.details)
+
+
+def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+    if exc.status_code == 404:
+        return f"There is no page at {request.url.path}."
+    if exc.status_code == 405 and request.method in ("GET", "HEAD"):
+        return (
+            "This address only receives a submitted form, so it cannot be opened or "
+            "reloaded directly. Go back to the page with the form."
+        )
+    if exc.status_code == 405:
+        return f"This address does not accept {request.method} requests."
+    return str(exc.detail)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Routing's own errors (no such address, wrong method) and any HTTPException: a page
+    for a browser's navigation, FastAPI's ``{"detail": ...}`` for everyone else."""
+    assert isinstance(exc, StarletteHTTPException)
+    if not browser_navigation(request):
+        return await http_exception_handler(request, exc)
+    message = _http_message(request, exc)
+    return error_page(request, exc.status_code, message, headers=exc.headers)
+
+
+LOCATIONS = {
+    "path": "In the address, {name}",
+    "query": "The parameter {name}",
+    "body": "The form field {name}",
+    "header": "The header {name}",
+    "cookie": "The cookie {name}",
+}
+
+
+def _in_words(error: Mapping[str, Any]) -> str:
+    """One validation error as a sentence, e.g. 'The parameter days is "abc": input should
+    be a valid integer, unable to parse string as an integer.'"""
+    loc = [str(part) for part in error.get("loc", ())]
+    where, name = (loc[0], ".".join(loc[1:]) or loc[0]) if loc else ("body", "the request")
+    subject = LOCATIONS.get(where, "{name}").format(name=name)
+    if error.get("type") == "missing":
+        return f"{subject} is missing."
+    msg = str(error.get("msg", "is not valid"))
+    msg = msg[:1].lower() + msg[1:]
+    given = error.get("input")
+    if isinstance(given, str | int | float):
+        shown = str(given) if len(str(given)) <= 60 else str(given)[:57] + "..."
+        return f'{subject} is "{shown}": {msg}.'
+    return f"{subject}: {msg}."
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    if browser_navigation(request):
+        problems = [_in_words(e) for e in exc.errors()]
+        return error_page(
+            request, 422, "Some values in this request are not valid:", problems=problems
+        )
     errors = [
         {"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
@@ -74,6 +152,47 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(
         {"error": "invalid_input", "detail": "invalid request", "errors": errors}, 422
     )
+
+
+def _favicon_ico(rows: tuple[str, ...]) -> bytes:
+    """A 16x16 32-bit ICO from a picture in characters: '#' white, '.' blue, ' ' clear."""
+    colours = {"#": b"\xff\xff\xff\xff", ".": b"\xd6\x59\x24\xff", " ": b"\x00\x00\x00\x00"}
+    pixels = b"".join(colours[c] for row in reversed(rows) for c in row)  # BGRA, bottom-up
+    mask = bytes(4 * 16)  # the AND mask, unused with an alpha channel
+    header = struct.pack("<IiiHHIIiiII", 40, 16, 32, 1, 32, 0, len(pixels) + len(mask), 0, 0, 0, 0)
+    image = header + pixels + mask
+    return (
+        struct.pack("<HHH", 0, 1, 1)
+        + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(image), 22)
+        + image
+    )
+
+
+FAVICON = _favicon_ico(
+    (
+        " .............. ",
+        "................",
+        "....######......",
+        "....#######.....",
+        "....##...###....",
+        "....##....##....",
+        "....##....##....",
+        "....##...###....",
+        "....#######.....",
+        "....######......",
+        "....##..........",
+        "....##..........",
+        "....##..........",
+        "....##..........",
+        "................",
+        " .............. ",
+    )
+)
+"""The app's icon, so browsers asking for /favicon.ico get one (the base template names none)."""
+
+
+async def _favicon() -> Response:
+    return Response(FAVICON, media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
 
 
 NUMERIC_VALUE_OUT_OF_RANGE = "22003"
@@ -140,9 +259,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OverflowError, _out_of_range)
     app.add_exception_handler(DataError, _out_of_range)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_api_route("/favicon.ico", _favicon, methods=["GET"], include_in_schema=False)
     routers = (ops, auth, api_tokens, projects, labeling, export, jobs, models, users, admin)
     for module in (*routers, quality, snapshots, loop, webhooks, iterations):
         app.include_router(module.router)

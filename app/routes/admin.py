@@ -16,7 +16,7 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from app.deps import AdminUser, Db
-from app.errors import InvalidInput
+from app.errors import InvalidInput, NotFound
 from app.models import utcnow
 from app.services import gold, monitoring, retire, users
 from app.web import render
@@ -247,13 +247,72 @@ def _parse_answer(raw: str) -> Any:
         ) from None
 
 
+MAX_ID = 2**63 - 1
+
+
+def _parse_task_id(raw: str) -> int:
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= MAX_ID:
+        raise InvalidInput(f"the task id must be a whole number like 42, not {raw!r}")
+    return int(raw)
+
+
 @router.post("/projects/{project_id}/admin/gold", include_in_schema=False)
 def admin_set_gold(
+    request: Request,
     project_id: int,
     db: Db,
     _admin: AdminUser,
-    task_id: Annotated[int, Form()],
+    task_id: Annotated[str, Form()] = "",
     answer: Annotated[str, Form()] = "",
+    show: Annotated[str, Form()] = "",
 ) -> Response:
-    gold.mark(db, task_id, _parse_answer(answer), project_id=project_id)
+    """Set a task's known answer from the monitor page. "Show completions" (`show`) saves
+    nothing and lists the task's completions with their ids, which the answer is written
+    with; a bad task id or answer re-renders the page with the message by the form, the
+    values as typed and the task's completions (nothing was changed)."""
+    form = {"task_id": task_id, "answer": answer}
+    task: int | None = None
+    try:
+        task = _parse_task_id(task_id)
+        if show:
+            listed = gold.choices(db, project_id, task)
+            if listed is None:
+                raise NotFound(f"no task {task} in project {project_id}")
+            return _gold_page(request, db, project_id, form, choices=listed)
+        gold.mark(db, task, _parse_answer(answer), project_id=project_id)
+    except (InvalidInput, NotFound) as exc:
+        listed = gold.choices(db, project_id, task) if task is not None else None
+        return _gold_page(
+            request,
+            db,
+            project_id,
+            form,
+            choices=listed,
+            error=exc.message,
+            status_code=exc.status,
+        )
     return RedirectResponse(f"/projects/{project_id}/admin#gold", status_code=303)
+
+
+def _gold_page(
+    request: Request,
+    db: Db,
+    project_id: int,
+    form: dict[str, str],
+    *,
+    choices: gold.TaskChoices | None,
+    error: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    """The monitor page with the gold form's state: what was typed, a message, a listing."""
+    days = 14
+    overview = monitoring.overview(db, project_id, now=utcnow(), days=days)
+    context = {
+        "o": overview,
+        "days": days,
+        "gold_form": form,
+        "gold_error": error,
+        "gold_choices": choices,
+    }
+    return render(request, "admin/project.html", context, status_code=status_code)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.domain import gold
 from app.errors import InvalidInput, NotFound
-from app.models import Judgment, Project, Task, TaskState, User, utcnow
+from app.models import Completion, Judgment, Project, Prompt, Task, TaskState, User, utcnow
 from app.services.tasks import lock_task
 
 
@@ -159,3 +159,35 @@ def task_stats(session: Session, project_id: int) -> list[GoldTaskStats]:
         GoldTaskStats(int(t), int(p), list(a or []), int(n or 0), int(ok or 0))
         for t, p, a, n, ok in rows
     ]
+
+
+@dataclass(frozen=True)
+class TaskChoices:
+    """A task's candidates as the gold form lists them: the ids a known answer is made of."""
+
+    task_id: int
+    prompt_external_id: str
+    prompt_text: str | None
+    completions: list[tuple[int, str]]
+    """(completion id, text) in the task's order."""
+    gold_answer: list[list[int]] | None
+
+
+def choices(session: Session, project_id: int, task_id: int) -> TaskChoices | None:
+    """The completions of a task of this project, or None when it has no such task."""
+    task = session.get(Task, task_id)
+    if task is None or task.project_id != project_id:
+        return None
+    prompt = session.get(Prompt, task.prompt_id)
+    assert prompt is not None
+    rows = session.execute(
+        select(Completion.id, Completion.text).where(Completion.id.in_(task.completion_ids))
+    )
+    texts = {int(cid): text for cid, text in rows}
+    return TaskChoices(
+        task_id=task.id,
+        prompt_external_id=prompt.external_id,
+        prompt_text=prompt.text,
+        completions=[(cid, texts.get(cid, "")) for cid in task.completion_ids],
+        gold_answer=task.gold_answer if task.is_gold else None,
+    )
