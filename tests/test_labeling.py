@@ -371,7 +371,7 @@ def test_label_page_escapes_completions_and_the_form_flow_works(client, db):
     assert "Write &lt;b&gt;HTML&lt;/b&gt;?" in html
     assert "Pick the &lt;em&gt;safer&lt;/em&gt; one." in html
     assert '<script src="/static/label.js" defer></script>' in html
-    assert "You have judged 0 here · 1 task open" in html
+    assert "You have judged 0 tasks here · 1 task open" in html
     assert int(form_value(html, "task_id")) == task.id
 
     lease = db.scalar(select(Lease).where(Lease.task_id == task.id))
@@ -411,7 +411,10 @@ def test_label_page_renders_chat_messages_as_a_conversation(client, db):
     login(client, make_user(db).username)
     html = client.get(f"/label/{project.id}").text
     assert html.count('<div class="msg msg-') == 2
-    assert '<div class="role">system</div><pre class="prompt">Be &lt;terse&gt;.</pre>' in html
+    assert (
+        '<div class="role">system</div><pre class="prompt" dir="auto">Be &lt;terse&gt;.</pre>'
+        in html
+    )
     assert "Hi\n  there" in html
 
 
@@ -614,7 +617,7 @@ def test_htmx_submit_answers_with_the_next_task_block(client, db):
     assert "<html" not in block and '<div id="label-root">' in block
     second = int(form_value(block, "task_id"))
     assert second != first and second in {t.id for t in made}
-    assert "You have judged 1 here · 2 tasks open" in block
+    assert "You have judged 1 task here · 2 tasks open" in block
     assert re.search(r'id="project-progress" max="3" value="1"', block)
     assert re.search(r'id="user-progress" max="3" value="1"', block)
     (stored,) = db.scalars(select(Judgment)).all()
