@@ -108,7 +108,20 @@ def test_guard_stops_on_the_kl_budget() -> None:
     guard = OverOptimizationGuard(GuardConfig(patience=100, kl_budget=10.0))
     verdicts = run(guard, [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], kl=[2.0, 6.0, 10.0, 12.5])
     assert len(verdicts) == 4 and verdicts[-1].reason == "kl_budget"
-    assert verdicts[-1].best_step == 4  # the step is still the best by held-out reward
+    # step 4 has the best held-out reward but broke the budget: the kept step is 3 (KL 10.0
+    # is within it), so the registered policy never exceeds the budget it was given
+    assert not verdicts[-1].is_best and verdicts[-1].best_step == 3
+
+
+def test_a_first_step_past_the_kl_budget_is_kept_for_lack_of_another() -> None:
+    guard = OverOptimizationGuard(GuardConfig(kl_budget=1.0))
+    verdict = guard.update(1, 0.1, 0.1, 5.0)
+    assert (verdict.stop, verdict.reason, verdict.is_best, verdict.best_step) == (
+        True,
+        "kl_budget",
+        True,
+        1,
+    )
 
 
 def test_guard_min_delta_ignores_tiny_improvements() -> None:

@@ -116,8 +116,12 @@ class OverOptimizationGuard:
         watched = train_reward if heldout_reward is None else heldout_reward
         self._heldout = self._smooth(self._heldout, watched)
 
-        is_best = (
-            self.best_step is None or self._heldout > self.best_heldout + self.config.min_delta
+        budget = self.config.kl_budget
+        over_budget = budget is not None and kl > budget
+        # A step past the KL budget is never the one to keep (only the very first step, when
+        # there is nothing else: the run then stops at once with it).
+        is_best = self.best_step is None or (
+            not over_budget and self._heldout > self.best_heldout + self.config.min_delta
         )
         if is_best:
             self.best_step, self.best_heldout = step, self._heldout
@@ -125,8 +129,7 @@ class OverOptimizationGuard:
         assert self.best_step is not None
 
         reason = None
-        budget = self.config.kl_budget
-        if budget is not None and kl > budget:
+        if over_budget:
             reason = "kl_budget"
         elif (
             heldout_reward is not None
