@@ -304,3 +304,32 @@ def test_models_page_shows_partner_snapshot_sources_and_epochs(  # type: ignore[
 
     admin = make_token(db, make_user(db, Role.admin))
     assert client.get("/api/v1/models?project_id=987654", headers=admin).status_code == 404
+
+
+def test_models_page_shows_a_policys_ppo_numbers(client, db: Session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    project = make_project(db)
+    reward = model_registry.register(
+        db, kind=ModelKind.reward, artifact_path=fake_artifact(tmp_path, "r"), project_id=project.id
+    )
+    policy = model_registry.register(
+        db,
+        kind=ModelKind.policy,
+        artifact_path=fake_artifact(tmp_path, "p"),
+        project_id=project.id,
+        reward_model_id=reward.id,
+        metrics={
+            "reward_mean": 0.25,
+            "kl": 0.5,
+            "best_step": 3,
+            "steps": 4,
+            "stop_reason": "kl_budget",
+            "history": [{"step": 1, "reward_mean": 0.1}, {"step": 2, "reward_mean": 0.2}],
+        },
+    )
+    login(client, make_user(db, Role.researcher).username)
+    page = client.get("/models").text
+    row = page.split(f'id="model-{policy.id}"', 1)[1].split("</tr>", 1)[0]
+    assert "reward</span> 0.2500" in row and "KL</span> 0.5000" in row
+    assert "kept step 3 of 4 (stopped: kl_budget)" in row
+    assert f"against reward model #{reward.id}" in row
+    assert "by epoch" not in row  # PPO steps are not epochs
