@@ -434,6 +434,30 @@ def test_lineage_graph_nodes_and_edges(db: Session, loop: dict[str, Any]) -> Non
     assert graph.node(f"reward:{reward.id}").details["eval_accuracy"] == 0.75
 
 
+def test_judgments_flow_into_the_snapshot_a_reward_model_trained_on(
+    db: Session, loop: dict[str, Any]
+) -> None:
+    """Reward jobs train on snapshots: the judged candidates link to the snapshot that
+    contains them, and the snapshot to the model, with no cut-off-only node between."""
+    from app.services import snapshots
+
+    project, gen1 = loop["project"], loop["gen1"]
+    snapshot = snapshots.create(db, project.id, {}, created_by=None)
+    retrained = _register(
+        db,
+        ModelKind.reward,
+        loop["tmp_path"],
+        project,
+        snapshot_id=snapshot.id,
+        config={"data": {"max_judgment_id": snapshot.max_judgment_id, "snapshot_id": snapshot.id}},
+    )
+    graph = lineage.graph(db, project.id)
+    edges = {(e.source, e.target, e.relation) for e in graph.edges}
+    assert (f"judgments:{gen1.id}", f"snapshot:{snapshot.id}", "trained_into") in edges
+    assert (f"snapshot:{snapshot.id}", f"reward:{retrained.id}", "trained_on") in edges
+    assert f"data:{snapshot.max_judgment_id}" not in {n.id for n in graph.nodes}
+
+
 def test_iterations_and_lineage_api(client, db: Session, loop: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     project, first = loop["project"], loop["first"]
     researcher = make_token(db, make_user(db, Role.researcher))

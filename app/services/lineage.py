@@ -305,8 +305,12 @@ def graph(session: Session, project_id: int) -> Lineage:
         ):
             judgments_of[task_job[tid]].append(jid)
             judged_tasks[task_job[tid]].add(tid)
+    # What judgments can flow into: data cut-offs and snapshots, by their cut-off (a snapshot
+    # before a cut-off-only node of the same id, as reward jobs now train on snapshots).
     data_cutoffs = sorted(
-        int(n.details["max_judgment_id"]) for n in nodes.values() if n.kind == "data"
+        (int(n.details["max_judgment_id"]), _KIND_ORDER[n.kind], n.id)
+        for n in nodes.values()
+        if n.kind in ("data", "snapshot")
     )
 
     for job in generate_jobs:
@@ -346,9 +350,9 @@ def graph(session: Session, project_id: int) -> Lineage:
             links={"export": raw_export_link(project_id)},
         )
         edge(node_id, judged_id, "judged")
-        into = next((c for c in data_cutoffs if c >= judged[0]), None)
+        into = next((target for cutoff, _, target in data_cutoffs if cutoff >= judged[0]), None)
         if into is not None:
-            edge(judged_id, f"data:{into}", "trained_into")
+            edge(judged_id, into, "trained_into")
 
     ordered = sorted(
         nodes.values(),
