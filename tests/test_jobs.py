@@ -172,7 +172,14 @@ def test_enqueue_accepts_whole_params_of_every_kind(db: Session) -> None:
         "trigger": "cli",
     }
     ppo = {"total_steps": 5, "guard": {"patience": 3}, "prompts": ["a", "b"], "device": "cpu"}
-    generate = {"n": 2, "temperature": 0, "policy_id": 4, "prompts": "heldout", "device": "cuda:1"}
+    policy = _model(db, project, ModelKind.policy)
+    generate = {
+        "n": 2,
+        "temperature": 0,
+        "policy_id": policy.id,
+        "prompts": "heldout",
+        "device": "cuda:1",
+    }
     for kind, params in (("reward", reward), ("ppo", ppo), ("generate", generate)):
         assert jobs.enqueue(db, project.id, kind, params, None).params == params
 
@@ -713,3 +720,85 @@ def test_project_jobs_list_training_jobs_and_deliveries_apart(client, db: Sessio
     assert client.get(f"{url}?kind=sing", headers=admin).status_code == 422
     page = client.get(f"/projects/{project.id}/jobs", headers=admin).text
     assert f"/jobs/{reward['id']}" in page and f'/jobs/{delivery.id}"' not in page
+
+
+def _model(db: Session, project: Project, kind: ModelKind) -> ModelVersion:
+    model = ModelVersion(project_id=project.id, kind=kind, artifact_path="/models/x")
+    db.add(model)
+    db.flush()
+    return model
+
+
+def test_jobs_may_name_only_their_own_projects_models(client, db: Session) -> None:  # type: ignore[no-untyped-def]
+    """QA: a PPO job in project 2 trained against project 1's reward model and from its
+    policy, and a generate job sampled from it; each model param is now checked up front."""
+    admin = make_token(db, make_user(db, Role.admin))
+    mine, theirs = make_project(db), make_project(db)
+    reward, policy = _model(db, theirs, ModelKind.reward), _model(db, theirs, ModelKind.policy)
+    url = f"/api/v1/projects/{mine.id}/jobs"
+    body = {"kind": "ppo", "params": {"reward_model_id": reward.id, "parent_policy_id": policy.id}}
+    resp = client.post(url, json=body, headers=admin)
+    assert resp.status_code == 422, resp.text
+    assert f"reward_model_id: project {mine.id} has no model {reward.id}" in resp.text
+    refused = [
+        ("ppo", {"parent_policy_id": policy.id}, f"parent_policy_id: project {mine.id} has no"),
+        ("ppo", {"heldout_reward_model_id": reward.id}, "heldout_reward_model_id: project"),
+        ("generate", {"policy_id": policy.id}, f"policy_id: project {mine.id} has no model"),
+        ("generate", {"policy_id": 999_999}, "policy_id: project"),
+    ]
+    own_reward, own_policy = _model(db, mine, ModelKind.reward), _model(db, mine, ModelKind.policy)
+    refused += [
+        ("ppo", {"reward_model_id": own_policy.id}, "is a policy model, not a reward"),
+        ("ppo", {"parent_policy_id": own_reward.id}, "is a reward model, not a policy"),
+        ("generate", {"policy_id": own_reward.id}, "is a reward model, not a policy"),
+    ]
+    for kind, params, message in refused:
+        with pytest.raises(InvalidInput) as exc:
+            jobs.enqueue(db, mine.id, kind, params, None)
+        assert message in exc.value.message, (kind, params)
+    assert db.scalars(select(Job)).all() == []
+    ok = {"reward_model_id": own_reward.id, "parent_policy_id": own_policy.id}
+    created = client.post(url, json={"kind": "ppo", "params": ok}, headers=admin)
+    assert created.status_code == 201 and created.json()["params"] == ok
+    generate = {"kind": "generate", "params": {"policy_id": own_policy.id}}
+    assert client.post(url, json=generate, headers=admin).status_code == 201
+
+
+def test_the_jobs_form_starts_every_kind_and_keeps_the_kind_on_error(client, db: Session) -> None:  # type: ignore[no-untyped-def]
+    admin = make_user(db, Role.admin)
+    project, other = make_project(db), make_project(db)
+    foreign = _model(db, other, ModelKind.policy)
+    csrf = login(client, admin.username)
+    url = f"/projects/{project.id}/jobs"
+    page = client.get(url).text
+    assert '<select name="kind">' in page
+    assert '<option value="reward" selected>reward</option>' in page
+    assert '<option value="ppo">ppo</option><option value="generate">generate</option>' in page
+
+    started = client.post(
+        url,
+        data={"csrf_token": csrf, "kind": "ppo", "extra": '{"total_steps": 2}'},
+        follow_redirects=False,
+    )
+    assert started.status_code == 303, started.text
+    job = db.get(Job, int(started.headers["location"].rsplit("/", 1)[1]))
+    assert job is not None and (job.kind, job.params) == ("ppo", {"total_steps": 2})
+
+    for data, message in (
+        ({"kind": "ppo", "epochs": "two"}, "epochs must be a whole number"),
+        ({"kind": "ppo", "extra": '{"totl_steps": 2}'}, "unknown ppo parameter(s) totl_steps"),
+    ):
+        bad = client.post(url, data={"csrf_token": csrf, **data})
+        assert bad.status_code == 422 and message in bad.text, bad.text
+        assert '<option value="ppo" selected>ppo</option>' in bad.text
+        assert '<option value="reward" selected>' not in bad.text
+    extra = f'{{"policy_id": {foreign.id}}}'
+    bad = client.post(url, data={"csrf_token": csrf, "kind": "generate", "extra": extra})
+    assert bad.status_code == 422 and f"has no model {foreign.id}" in bad.text
+    assert '<option value="generate" selected>generate</option>' in bad.text
+    started = client.post(
+        url, data={"csrf_token": csrf, "kind": "generate"}, follow_redirects=False
+    )
+    assert started.status_code == 303
+    kinds = [j.kind for j in db.scalars(select(Job).order_by(Job.id))]
+    assert kinds == ["ppo", "generate"]

@@ -32,7 +32,7 @@ from app.models import (
     Role,
     Task,
 )
-from app.services import chaining, generation, jobs, model_registry
+from app.services import chaining, generation, jobs, model_registry, winrate
 from app.settings import Settings
 from tests.factories import make_project, make_prompt, make_task, make_token, make_user
 from worker import main as worker_main
@@ -438,6 +438,14 @@ def test_loop_api_roles_and_validation(client, db: Session) -> None:  # type: ig
         {"nope": 1},
         {"ppo_params": {"reward_model_id": 1}},
         {"ppo_after_reward": None},
+        # no coercion: "yes" is not true, and true is not 1 (a retrain after every judgment)
+        {"ppo_after_reward": "yes"},
+        {"generate_after_policy": 0},
+        {"reward_every_n_judgments": True},
+        {"reward_every_n_judgments": "5"},
+        {"random_share": True},
+        {"random_share": "0.5"},
+        {"reward_params": {"snapshot_id": 1}},  # every retrain takes its own snapshot
     ):
         resp = client.put(url, json=bad, headers=admin)
         assert resp.status_code == 422, (bad, resp.text)
@@ -707,3 +715,132 @@ def test_reward_job_with_heldout_split_trains_a_pair_and_chains_ppo(
     }
     assert job.metrics["next_job_id"] == ppo.id
     assert inputs.heldout is not None and inputs.heldout.id == partner.id
+
+
+def test_jobs_never_use_another_projects_models_when_they_run(
+    committed_factory: sessionmaker[Session], worker_settings: Settings, tmp_path: Path
+) -> None:
+    """Enqueueing refuses them (test_jobs); a loop setting or an old row could still name one."""
+    with transaction(committed_factory) as session:
+        mine, theirs = make_project(session), make_project(session)
+        make_prompt(session, mine, ["a", "b"])
+        reward = register(session, ModelKind.reward, tmp_path, theirs)
+        policy = register(session, ModelKind.policy, tmp_path, theirs)
+        own_reward = register(session, ModelKind.reward, tmp_path, mine)
+        for params, what in (
+            ({"reward_model_id": reward.id}, f"reward model {reward.id}"),
+            ({"parent_policy_id": policy.id}, f"policy {policy.id}"),
+            ({"heldout_reward_model_id": reward.id}, f"held-out reward model {reward.id}"),
+        ):
+            with pytest.raises(InvalidInput) as exc:
+                chaining.ppo_inputs(session, mine.id, **params)
+            assert (
+                exc.value.message == f"{what} belongs to project {theirs.id}, not project {mine.id}"
+            )
+        with pytest.raises(InvalidInput, match=f"belongs to project {theirs.id}"):
+            generation.policy(session, policy.id, project_id=mine.id)
+        assert generation.policy(session, policy.id, project_id=theirs.id).id == policy.id
+        # The packaged default, not their newest policy, when none of mine is named.
+        assert chaining.ppo_inputs(session, mine.id).parent is None
+        assert chaining.ppo_inputs(session, mine.id).reward.id == own_reward.id
+        queued = [
+            jobs.enqueue_internal(session, mine.id, kind, params).id
+            for kind, params in (
+                ("ppo", {"parent_policy_id": policy.id}),
+                ("generate", {"policy_id": policy.id, "prompts": "all"}),
+            )
+        ]
+        ids = (mine.id, theirs.id, policy.id, own_reward.id)
+    for _ in queued:
+        assert worker_main.main(worker_settings, once=True) == ["failed"]
+    mine_id, theirs_id, policy_id, own_reward_id = ids
+    for job_id in queued:
+        job = job_row(committed_factory, job_id)
+        assert job.attempts == 1  # a final failure, not retried
+        assert f"policy {policy_id} belongs to project {theirs_id}, not project {mine_id}" in (
+            job.error or ""
+        )
+    with transaction(committed_factory) as session:
+        assert session.scalars(select(Completion).where(Completion.source != "upload")).all() == []
+        registered = session.scalars(
+            select(ModelVersion.id).where(ModelVersion.project_id == mine_id)
+        ).all()
+        assert registered == [own_reward_id]  # no policy made from their snapshot
+
+
+def _store_samples(
+    db: Session, project: Project, policy: ModelVersion | None, prompt_ids: list[int]
+) -> str:
+    """What a generate job of `policy` stores (the real code path); returns its source."""
+    source = generation.source_for(policy.id if policy else None)
+    generation.store(
+        db,
+        project.id,
+        {pid: [f"{source} answer to {pid}"] for pid in prompt_ids},
+        source=source,
+        model_version_id=policy.id if policy else None,
+        metadata={},
+        rng=random.Random(0),
+        max_pairs=16,
+        parent_source=generation.source_for(policy.parent_id) if policy else None,
+    )
+    return source
+
+
+def test_ppo_never_starts_from_a_rejected_policys_descendants(db: Session, tmp_path: Path) -> None:
+    """QA: policy 5 was rejected; PPO then started from policy 8, its unjudged child."""
+    project = make_project(db, mode=ProjectMode.pairwise)
+    annotator = make_user(db, Role.annotator)
+    prompts = [make_prompt(db, project, [], text=f"question {i}").id for i in range(12)]
+    _store_samples(db, project, None, prompts)
+    reward = register(db, ModelKind.reward, tmp_path, project)
+    base = {"base": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    held_up = register(
+        db, ModelKind.policy, tmp_path, project, reward_model_id=reward.id, config=base
+    )
+    rejected = register(
+        db, ModelKind.policy, tmp_path, project, reward_model_id=reward.id, config=base
+    )
+    source = _store_samples(db, project, rejected, prompts)
+    for task in db.scalars(select(Task).order_by(Task.id)):
+        sources = {
+            c.id: c.source
+            for c in db.scalars(select(Completion).where(Completion.id.in_(task.completion_ids)))
+        }
+        if source not in sources.values():
+            continue
+        new = next(c for c, s in sources.items() if s == source)
+        old = next(c for c, s in sources.items() if s != source)
+        db.add(
+            Judgment(
+                project_id=project.id,
+                task_id=task.id,
+                user_id=annotator.id,
+                ranking=[[old], [new]],  # people prefer the default's answer every time
+                display_order=list(task.completion_ids),
+            )
+        )
+        task.judgment_count += 1
+    db.flush()
+    assert winrate.worse_than_parent_ids(db, project.id) == {rejected.id}
+    child = register(db, ModelKind.policy, tmp_path, project, parent_id=rejected.id)
+    grandchild = register(db, ModelKind.policy, tmp_path, project, parent_id=child.id)
+    assert grandchild.state == "ready" and child.state == "ready"  # no verdict of their own
+
+    # Not the newest policy (grandchild), nor its parent (child): their chain starts at a
+    # rejected policy. The newest whose whole chain held up.
+    assert chaining.ppo_inputs(db, project.id).parent.id == held_up.id  # type: ignore[union-attr]
+    assert chaining.last_policy_that_held_up(db, project.id).id == held_up.id  # type: ignore[union-attr]
+    # A child of the one that held up is a candidate again, the newest one.
+    good_child = register(db, ModelKind.policy, tmp_path, project, parent_id=held_up.id)
+    assert chaining.ppo_inputs(db, project.id).parent.id == good_child.id  # type: ignore[union-attr]
+    # Named explicitly, a person's choice stands.
+    named = chaining.ppo_inputs(db, project.id, parent_policy_id=grandchild.id)
+    assert named.parent.id == grandchild.id  # type: ignore[union-attr]
+
+    # Without a policy that held up: the packaged default.
+    db.delete(good_child)
+    db.flush()
+    db.delete(held_up)
+    db.flush()
+    assert chaining.ppo_inputs(db, project.id).parent is None

@@ -548,7 +548,11 @@ def run_generate(
         project = projects.get(session, job.project_id)
         values.setdefault("n", project.candidates_per_task)
         values.setdefault("seed", job.id)  # reproducible from the job record, new per job
-        policy = generation.policy(session, policy_id) if policy_id is not None else None
+        policy = (
+            generation.policy(session, policy_id, project_id=job.project_id)
+            if policy_id is not None
+            else None
+        )
         reward_model = None
         if policy is not None and policy.reward_model_id is not None:
             reward_model = session.get(ModelVersion, policy.reward_model_id)

@@ -135,6 +135,7 @@ def start_job(
     """Start a job from the form; a bad value or a running reward job re-renders the form
     with the message and what was typed."""
     form = {
+        "kind": kind,
         "epochs": epochs or "",
         "lr": lr or "",
         "batch_size": batch_size or "",

@@ -40,15 +40,16 @@ class LoopSettings(BaseModel):
 class LoopUpdate(BaseModel):
     """The settings to change; fields left out keep their value, null turns N off."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "yes" is not true and true is not 1 (a retrain after every judgment)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    reward_every_n_judgments: int | None = Field(default=None, ge=1)
+    reward_every_n_judgments: int | None = Field(default=None, ge=1, le=10_000_000)
     ppo_after_reward: bool | None = None
     generate_after_policy: bool | None = None
     reward_params: dict[str, Any] | None = None
     ppo_params: dict[str, Any] | None = None
     generate_params: dict[str, Any] | None = None
-    assignment_strategy: AssignmentStrategy | None = None
+    assignment_strategy: AssignmentStrategy | None = Field(default=None, strict=False)
     random_share: float | None = Field(default=None, ge=0, le=1)
 
 

@@ -58,7 +58,7 @@ _PARAMS_KIND = {REWARD_PARAMS: jobs.REWARD, PPO_PARAMS: jobs.PPO, GENERATE_PARAM
 _CHAIN_OWNED = {
     PPO_PARAMS: ("reward_model_id", "trigger", "after_job"),
     GENERATE_PARAMS: ("policy_id", "trigger", "after_job"),
-    REWARD_PARAMS: ("trigger", "after_job"),
+    REWARD_PARAMS: ("trigger", "after_job", "snapshot_id"),  # each retrain takes a new snapshot
 }
 
 
@@ -188,14 +188,64 @@ def heldout_partner(session: Session, reward_model: ModelVersion) -> ModelVersio
 
 
 def model_of_kind(
-    session: Session, model_id: int, kind: ModelKind, what: str = "model"
+    session: Session, model_id: int, kind: ModelKind, what: str = "model", *, project_id: int
 ) -> ModelVersion:
+    """Model `model_id`, refused unless it is of `kind` and belongs to `project_id`.
+
+    Enqueueing checks this too (app.services.jobs), but a loop setting or a job queued
+    before that check could still name another project's model: a job never uses one.
+    """
     model = session.get(ModelVersion, model_id)
     if model is None:
         raise NotFound(f"no {what} {model_id}")
+    if model.project_id != project_id:
+        owner = "no project" if model.project_id is None else f"project {model.project_id}"
+        raise InvalidInput(f"{what} {model_id} belongs to {owner}, not project {project_id}")
     if model.kind is not kind:
         raise InvalidInput(f"{what} {model_id} is a {model.kind.value} model, not a {kind.value}")
     return model
+
+
+def last_policy_that_held_up(session: Session, project_id: int) -> ModelVersion | None:
+    """The project's newest policy whose whole chain held up, None when none did.
+
+    A policy people judged worse than its parent (the live verdict, app.services.winrate)
+    is out, and so is every policy trained from it, however new and unjudged: its chain
+    starts from a rejected policy. A parent link that leaves the project, or loops, counts
+    as not holding up.
+    """
+    policies = {
+        m.id: m
+        for m in session.scalars(
+            select(ModelVersion).where(
+                ModelVersion.project_id == project_id, ModelVersion.kind == ModelKind.policy
+            )
+        )
+    }
+    if not policies:
+        return None
+    worse = winrate.worse_than_parent_ids(session, project_id)
+    held: dict[int, bool] = {}
+
+    def holds_up(model_id: int) -> bool:
+        chain: list[int] = []
+        current: int | None = model_id
+        verdict = True
+        while current is not None:
+            if current in held:
+                verdict = held[current]
+                break
+            model = policies.get(current)
+            if model is None or current in worse or current in chain:
+                verdict = False
+                break
+            chain.append(current)
+            current = model.parent_id
+        for seen in chain:  # every policy on the way shares the verdict of what is above it
+            held[seen] = verdict
+        return verdict
+
+    return next((policies[i] for i in sorted(policies, reverse=True) if holds_up(i)), None)
 
 
 @dataclass(frozen=True)
@@ -242,12 +292,14 @@ def ppo_inputs(
     Reward model: the one named, else the project's newest (non-held-out) reward model.
     Held-out model: the one named, else the reward model's partner when it has one (unless
     `use_heldout` is False). Parent policy: the one named, else the project's newest policy
-    that people did not judge worse than its parent — walking back the parent links past
-    rejected ones — else None (the packaged SmolLM2).
+    whose whole chain held up (`last_policy_that_held_up`), else None (the packaged SmolLM2).
+    Every model named must be of the project (`model_of_kind`).
     """
     projects.get(session, project_id)
     if reward_model_id is not None:
-        reward = model_of_kind(session, reward_model_id, ModelKind.reward, "reward model")
+        reward = model_of_kind(
+            session, reward_model_id, ModelKind.reward, "reward model", project_id=project_id
+        )
     else:
         found = main_reward_model(session, project_id)
         if found is None:
@@ -258,7 +310,11 @@ def ppo_inputs(
     heldout: ModelVersion | None = None
     if heldout_reward_model_id is not None:
         heldout = model_of_kind(
-            session, heldout_reward_model_id, ModelKind.reward, "held-out reward model"
+            session,
+            heldout_reward_model_id,
+            ModelKind.reward,
+            "held-out reward model",
+            project_id=project_id,
         )
         if heldout.id == reward.id:
             raise InvalidInput("the held-out reward model must differ from the reward model")
@@ -266,22 +322,10 @@ def ppo_inputs(
         heldout = heldout_partner(session, reward)
     if parent_policy_id is not None:
         parent: ModelVersion | None = model_of_kind(
-            session, parent_policy_id, ModelKind.policy, "policy"
+            session, parent_policy_id, ModelKind.policy, "policy", project_id=project_id
         )
     else:
-        parent = session.scalar(
-            select(ModelVersion)
-            .where(ModelVersion.project_id == project_id, ModelVersion.kind == ModelKind.policy)
-            .order_by(ModelVersion.id.desc())
-            .limit(1)
-        )
-        # Walk back past policies people judged worse than their parent (the live verdict,
-        # app.services.winrate): the next generation starts from the last one that held up.
-        worse = winrate.worse_than_parent_ids(session, project_id) if parent else set()
-        seen: set[int] = set()
-        while parent is not None and parent.id in worse and parent.id not in seen:
-            seen.add(parent.id)
-            parent = session.get(ModelVersion, parent.parent_id) if parent.parent_id else None
+        parent = last_policy_that_held_up(session, project_id)
     return PPOInputs(
         reward=ModelRef.of(reward),
         heldout=ModelRef.of(heldout) if heldout is not None else None,

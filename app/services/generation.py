@@ -106,10 +106,13 @@ def parse_selection(value: Any) -> Selection:
     )
 
 
-def policy(session: Session, policy_id: int) -> chaining.ModelRef:
-    """The policy model version a generate job samples from."""
+def policy(session: Session, policy_id: int, *, project_id: int) -> chaining.ModelRef:
+    """The policy model version a generate job of `project_id` samples from: one of its own
+    project's, never another's (its samples would be stored as this project's)."""
     return chaining.ModelRef.of(
-        chaining.model_of_kind(session, policy_id, ModelKind.policy, "policy")
+        chaining.model_of_kind(
+            session, policy_id, ModelKind.policy, "policy", project_id=project_id
+        )
     )
 
 

@@ -38,6 +38,13 @@ FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.cancelled)
 DEFAULT_MAX_ATTEMPTS = 3
 AUTO_REWARD_SETTING = "reward_every_n_judgments"
 MAX_ERROR_CHARS = 8000
+MODEL_PARAMS: dict[str, ModelKind] = {
+    "reward_model_id": ModelKind.reward,
+    "heldout_reward_model_id": ModelKind.reward,
+    "parent_policy_id": ModelKind.policy,
+    "policy_id": ModelKind.policy,
+}
+"""Params that name a model version, with the kind it must be (ppo and generate jobs)."""
 
 _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.queued: frozenset({JobState.running, JobState.cancelled}),
@@ -137,6 +144,23 @@ def check_params(kind: str, params: dict[str, Any]) -> None:
         generation.parse_selection(params["prompts"])
 
 
+def _check_models(session: Session, project_id: int, params: dict[str, Any]) -> None:
+    """InvalidInput unless every model the params name exists, is of the kind the param
+    takes, and belongs to `project_id`: a job must not train on or sample from another
+    project's models. The worker asks again when it runs (app.services.chaining)."""
+    for name, kind in MODEL_PARAMS.items():
+        model_id = job_params.int_param(params, name)  # already checked by check_params
+        if model_id is None:
+            continue
+        model = session.get(ModelVersion, model_id)
+        if model is None or model.project_id != project_id:
+            raise InvalidInput(f"{name}: project {project_id} has no model {model_id}")
+        if model.kind is not kind:
+            raise InvalidInput(
+                f"{name}: model {model_id} is a {model.kind.value} model, not a {kind.value}"
+            )
+
+
 def enqueue(
     session: Session,
     project_id: int,
@@ -147,8 +171,8 @@ def enqueue(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> Job:
     """Queue a job a person asked for (the API, the admin form, the CLI): one of USER_KINDS,
-    with params the worker will accept (`check_params`). At most one reward job per project
-    may be queued or running at once."""
+    with params the worker will accept (`check_params`) naming only this project's snapshots
+    and models. At most one reward job per project may be queued or running at once."""
     if kind not in USER_KINDS:
         raise InvalidInput(f"unknown job kind {kind!r}; expected one of {', '.join(USER_KINDS)}")
     clean = _validate_params(params)
@@ -158,6 +182,7 @@ def enqueue(
         snapshot = session.get(Snapshot, snapshot_id)
         if snapshot is None or snapshot.project_id != project_id:
             raise InvalidInput(f"project {project_id} has no snapshot {snapshot_id}")
+    _check_models(session, project_id, clean)
     return enqueue_internal(session, project_id, kind, clean, created_by, max_attempts=max_attempts)
 
 
