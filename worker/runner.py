@@ -384,10 +384,10 @@ def run_reward(
     with `heldout_split`, a held-out partner too (registered with role "heldout").
 
     Stopped with `should_save` true (the worker shutting down), the job leaves its state in
-    its work directory: the snapshot it trains on (`data.json`), each finished part's metrics beside
-    its saved model, and the running part's resume checkpoint. The next attempt reads the
-    same judgments, keeps the finished parts and continues the running one from its last
-    step (worker.reward.ResumeState). Any other end removes the work directory.
+    its work directory: the snapshot it trains on (`data.json`), each finished part's
+    metrics beside its saved model, and the running part's resume checkpoint. The next
+    attempt reads the same judgments, keeps the finished parts and continues the running one
+    from its last step (worker.reward.ResumeState). Any other end removes the work directory.
     """
     from worker.reward import train_reward
 
