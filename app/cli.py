@@ -568,7 +568,7 @@ def train_reward(
     With --wait: exit 0 when the job succeeds (printing the model version and its held-out
     accuracy), 1 when it fails or is cancelled, 130 on Ctrl-C, which stops following but
     never cancels the job."""
-    from app.services import jobs, projects
+    from app.services import jobs
 
     params: dict[str, object] = dict(_param(p) for p in param or [])
     for key, value in (
@@ -579,17 +579,85 @@ def train_reward(
     ):
         if value is not None:
             params[key] = value
+    _queue(project, jobs.REWARD, params, wait)
+
+
+def _queue(project: str, kind: str, params: dict[str, object], wait: bool) -> None:
+    """Queue a `kind` job for PROJECT (checked as the API checks it); with `wait`, follow it."""
+    from app.services import jobs, projects
+
     settings = Settings()
     factory = _sessions(settings)
     try:
         with transaction(factory) as session:
             proj = projects.resolve(session, project)
-            job_id = jobs.enqueue(session, proj.id, jobs.REWARD, params, None).id
+            job_id = jobs.enqueue(session, proj.id, kind, params, None).id
     except DomainError as exc:
         _fail(exc)
-    console.print(f"queued reward job [bold]{job_id}[/bold]")
+    console.print(f"queued {kind} job [bold]{job_id}[/bold]")
     if wait:
         raise typer.Exit(code=_wait_for_job(factory, job_id))
+
+
+_WAIT_HELP = (
+    "follow the job until it ends, with a progress bar: run it here, or watch the worker "
+    "that took it"
+)
+
+
+@train_cli.command("ppo")
+def train_ppo(
+    project: str,
+    steps: Annotated[int | None, typer.Option(help="PPO steps (total_steps)")] = None,
+    reward_model: Annotated[
+        int | None, typer.Option(help="reward model id (default: the project's newest)")
+    ] = None,
+    parent: Annotated[
+        int | None,
+        typer.Option(help="policy to start from (default: the newest that held up)"),
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="any PPO field: key=value")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help=_WAIT_HELP)] = False,
+) -> None:
+    """Queue a PPO job for PROJECT (id or name): optimise a policy against a reward model.
+
+    With --wait: exit 0 when the job succeeds (printing the new policy and its reward and
+    KL at the kept step), 1 when it fails or is cancelled, 130 on Ctrl-C."""
+    from app.services import jobs
+
+    params: dict[str, object] = dict(_param(p) for p in param or [])
+    for key, value in (
+        ("total_steps", steps),
+        ("reward_model_id", reward_model),
+        ("parent_policy_id", parent),
+    ):
+        if value is not None:
+            params[key] = value
+    _queue(project, jobs.PPO, params, wait)
+
+
+@train_cli.command("generate")
+def train_generate(
+    project: str,
+    policy: Annotated[
+        int | None, typer.Option(help="policy model id (default: the packaged SmolLM2)")
+    ] = None,
+    prompts: Annotated[str | None, typer.Option(help="waiting (default), all or heldout")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="any generation field: key=value")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help=_WAIT_HELP)] = False,
+) -> None:
+    """Queue a generate job for PROJECT (id or name): sample answers, queue them to label."""
+    from app.services import jobs
+
+    params: dict[str, object] = dict(_param(p) for p in param or [])
+    for key, value in (("policy_id", policy), ("prompts", prompts)):
+        if value is not None:
+            params[key] = value
+    _queue(project, jobs.GENERATE, params, wait)
 
 
 # --- train reward --wait: follow a job to its end, whoever runs it ----------------------------
@@ -773,6 +841,26 @@ def _job_bar() -> Iterator[Callable[[dict[str, Any], str | None], None]]:
 
 def _report_end(job: Job) -> int:
     """Say how the job ended; 0 when it succeeded, else 1."""
+    if job.state is JobState.succeeded and job.kind != "reward":
+        metrics = job.metrics or {}
+        if job.kind == "ppo":
+            numbers = ", ".join(
+                f"{label} {metrics[key]:.4f}"
+                for key, label in (("reward_mean", "reward"), ("kl", "KL"))
+                if isinstance(metrics.get(key), int | float)
+            )
+            line = (
+                f"job {job.id} succeeded: policy model {metrics.get('model_version_id')}, "
+                f"kept step {metrics.get('best_step')} of {metrics.get('steps')}"
+                + (f" ({numbers})" if numbers else "")
+            )
+        else:
+            line = (
+                f"job {job.id} succeeded: {metrics.get('completions_stored')} answers stored, "
+                f"{metrics.get('tasks_created')} tasks to label"
+            )
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return 0
     if job.state is JobState.succeeded:
         metrics = job.metrics or {}
         held_out = metrics.get("eval") or {}

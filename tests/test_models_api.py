@@ -333,3 +333,69 @@ def test_models_page_shows_a_policys_ppo_numbers(client, db: Session, tmp_path: 
     assert "kept step 3 of 4 (stopped: kl_budget)" in row
     assert f"against reward model #{reward.id}" in row
     assert "by epoch" not in row  # PPO steps are not epochs
+
+
+def test_cli_train_ppo_and_generate_queue_checked_jobs(
+    cli_env: sessionmaker[Session], tmp_path: Path
+) -> None:
+    with transaction(cli_env) as session:
+        project = make_project(session, name="cli-loop")
+        reward = model_registry.register(
+            session,
+            kind=ModelKind.reward,
+            artifact_path=fake_artifact(tmp_path, "r"),
+            project_id=project.id,
+        )
+        reward_id = reward.id
+    runner = CliRunner()
+    ppo = runner.invoke(
+        cli,
+        [
+            "train",
+            "ppo",
+            "cli-loop",
+            "--steps",
+            "3",
+            "--reward-model",
+            str(reward_id),
+            "-p",
+            "lr=1e-5",
+        ],
+    )
+    assert ppo.exit_code == 0, ppo.output
+    generate = runner.invoke(cli, ["train", "generate", str(project.id), "--prompts", "all"])
+    assert generate.exit_code == 0, generate.output
+    with transaction(cli_env) as session:
+        queued = {j.kind: j.params for j in session.query(Job).all()}
+    assert queued == {
+        "ppo": {"total_steps": 3, "reward_model_id": reward_id, "lr": 1e-5},
+        "generate": {"prompts": "all"},
+    }
+    assert "queued ppo job" in ppo.output and "queued generate job" in generate.output
+
+    bad = runner.invoke(cli, ["train", "ppo", "cli-loop", "--steps", "0"])
+    assert bad.exit_code == 1 and "total_steps" in bad.output
+    foreign = runner.invoke(cli, ["train", "generate", "cli-loop", "--policy", str(reward_id)])
+    assert foreign.exit_code == 1 and "policy_id" in foreign.output
+
+
+def test_report_end_says_what_each_kind_made(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import _report_end
+    from app.models import JobState
+
+    ppo = Job(
+        id=7,
+        kind="ppo",
+        state=JobState.succeeded,
+        metrics={"model_version_id": 9, "best_step": 3, "steps": 4, "reward_mean": 0.5, "kl": 0.25},
+    )
+    generate = Job(
+        id=8,
+        kind="generate",
+        state=JobState.succeeded,
+        metrics={"completions_stored": 12, "tasks_created": 6},
+    )
+    assert _report_end(ppo) == 0 and _report_end(generate) == 0
+    text = capsys.readouterr().out
+    assert "job 7 succeeded: policy model 9, kept step 3 of 4 (reward 0.5000, KL 0.2500)" in text
+    assert "job 8 succeeded: 12 answers stored, 6 tasks to label" in text
