@@ -774,7 +774,8 @@ def train_reward(
     step, pairs_seen, completions_seen, tokens_seen, padded_seen = 0, 0, 0, 0, 0
     train_time, train_cpu = 0.0, 0.0  # wall and process CPU seconds in the training loop
     first_epoch, skip_batches = 0, 0
-    fingerprint = _run_fingerprint(config, groups)
+    # Only a resumable run needs it: it serialises every judgment once.
+    fingerprint = _run_fingerprint(config, groups) if resume_dir is not None else ""
     resumed = ResumeState.load(resume_dir, fingerprint) if resume_dir is not None else None
     if resumed is not None:
         accelerator.unwrap_model(model).load_state_dict(resumed.model)

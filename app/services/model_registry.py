@@ -512,18 +512,6 @@ def score_dir(
     return scores
 
 
-def score(
-    session: Session,
-    model_id: int,
-    prompt: str,
-    completions: Sequence[str],
-    *,
-    timeout_s: float = SCORE_TIMEOUT_S,
-) -> list[float]:
-    """One reward per completion from reward model `model_id` (see `score_dir`)."""
-    return score_dir(scorable_dir(session, model_id), prompt, completions, timeout_s=timeout_s)
-
-
 def curve(metrics: dict[str, Any]) -> list[float]:
     """The training-loss curve stored in a model's metrics, as plain finite floats.
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.models import Completion, Judgment, Project, Prompt, Task, User
-from app.services import snapshots
+from app.services import export, snapshots
 
 _CHUNK = 1000
 
@@ -91,10 +91,20 @@ def _group(
     }
 
 
-def snapshot_judgments(session: Session, snapshot_id: int) -> tuple[int, int, frozenset[int]]:
+def snapshot_judgments(
+    session: Session, snapshot_id: int
+) -> tuple[int, int, frozenset[int] | None]:
     """(project id, cut-off, judgment ids) of a snapshot: exactly the judgments its exports
-    read (its filters applied), so a model trained on it saw what a researcher downloads."""
+    read (its filters applied), so a model trained on it saw what a researcher downloads.
+
+    The ids are None for a snapshot without filters (what a reward job takes by default):
+    it is every judgment up to the cut-off, and reading its export only to list them would
+    read every judgment's texts twice.
+    """
     snapshot = snapshots.get(session, snapshot_id)
+    selection = snapshots.selection(snapshot)
+    if selection == export.Selection(max_judgment_id=selection.max_judgment_id):
+        return snapshot.project_id, snapshot.max_judgment_id, None
     rows = snapshots.rows(session, snapshot_id, shape="raw")
     ids = frozenset(int(row["judgment_id"]) for row in rows)
     return snapshot.project_id, snapshot.max_judgment_id, ids
